@@ -1,0 +1,1 @@
+complete --command evlp --no-files --arguments "(env _EVLP_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) evlp)" --condition "env _EVLP_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) evlp"

@@ -1,0 +1,148 @@
+"""Run folders and checkpoints on disk.
+
+Layout written by training (``evlp pretrain --out RUN``)::
+
+    RUN/config.yaml                 resolved config of the run
+    RUN/metrics.jsonl               one JSON line per logged step
+    RUN/summary.json                final figures of the run
+    RUN/checkpoints/latest          name of the newest complete checkpoint (replaced atomically)
+    RUN/checkpoints/step_00001000/  one checkpoint, renamed into place only once complete:
+        model.safetensors           weights of the training module (student under ``student.``)
+        config.yaml  tokenizer/     what evaluation needs
+        optimizer.bin random_states_*.pkl scheduler.pt trainer_state.json task_state.safetensors
+        data_state_rank*.json       what exact resume needs
+
+An exported model folder (``evlp export``) holds only ``model.safetensors`` (student keys, no prefix),
+``config.yaml`` and ``tokenizer/``. Everything here reads both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from evlp.config.loader import write_atomic
+from evlp.errors import CheckpointError
+
+CKPT_DIR = "checkpoints"
+LATEST = "latest"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+TOKENIZER = "tokenizer"
+TRAINER_STATE = "trainer_state.json"
+STUDENT_PREFIX = "student."
+
+
+def checkpoint_name(step: int) -> str:
+    """Folder name of the checkpoint after ``step`` optimizer steps."""
+    return f"step_{step:08d}"
+
+
+def step_of(path: Path) -> int:
+    """The step encoded in a checkpoint folder name (-1 when it has none)."""
+    try:
+        return int(path.name.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders are ignored)."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and "." not in p.name
+             and (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=step_of)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    root = Path(run_dir) / CKPT_DIR
+    pointer = root / LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text(encoding="utf-8").strip()
+        if (candidate / TRAINER_STATE).is_file():
+            return candidate
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def mark_latest(run_dir: str | os.PathLike[str], name: str) -> None:
+    """Point ``RUN/checkpoints/latest`` at checkpoint ``name`` (atomic replace)."""
+    write_atomic(Path(run_dir) / CKPT_DIR / LATEST, name + "\n")
+
+
+def prune_checkpoints(run_dir: str | os.PathLike[str], keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (0 keeps all); returns what was deleted."""
+    found = list_checkpoints(run_dir)
+    if keep <= 0 or len(found) <= keep:
+        return []
+    doomed = found[:-keep]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def find_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """Resolve ``--ckpt``: a run folder (-> its latest checkpoint), a checkpoint or an exported model.
+
+    Raises:
+        CheckpointError: nothing loadable is there.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path {p} does not exist; pass a run folder (evlp pretrain --out) "
+                              "or an exported model folder")
+    if (p / WEIGHTS).is_file() and (p / CONFIG).is_file():
+        return p
+    if (p / CKPT_DIR).is_dir():
+        latest = latest_checkpoint(p)
+        if latest is not None:
+            return latest
+        raise CheckpointError(f"run {p} has no complete checkpoint yet; resume it with "
+                              f"`evlp pretrain --out {p} --resume` or wait for its first checkpoint")
+    raise CheckpointError(f"{p} is neither a run folder nor a checkpoint (expected {CKPT_DIR}/ or "
+                          f"{WEIGHTS} + {CONFIG})")
+
+
+def read_json(path: str | os.PathLike[str], default: Any = None) -> Any:
+    """Read a JSON file, or return ``default`` when it does not exist."""
+    p = Path(path)
+    if not p.is_file():
+        return default
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Write JSON atomically (indented, UTF-8)."""
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    """Append one JSON line (flushed) to a log file."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, default=float) + "\n")
+        fh.flush()
+
+
+def load_student_state_dict(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
+    """The student's weights from a checkpoint or export (training-only keys dropped, prefix removed).
+
+    Raises:
+        CheckpointError: the weights file is missing or unreadable.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(ckpt) / WEIGHTS
+    try:
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"cannot read weights {path}: {exc}") from None
+    if any(k.startswith(STUDENT_PREFIX) for k in state):
+        state = {k[len(STUDENT_PREFIX):]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
+    return state

@@ -1,0 +1,307 @@
+"""Typed configuration schemas.
+
+The defaults below are the paper's S-SMKE setup (reference.md sections 1-4); YAML recipes in
+``configs/`` only hold what differs. Every section has a ``validate()`` that returns a list of
+problems (never raises), so the loader can report all of them at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+from evlp.config.presets import model_preset
+
+Precision = Literal["auto", "bf16", "fp16", "no"]
+
+
+def _positive(problems: list[str], prefix: str, **values: float | int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            problems.append(f"{prefix}{name}: must be > 0, got {value}")
+
+
+@dataclass
+class TextTowerConfig:
+    """A BERT-family text encoder truncated to its first ``num_layers`` layers (pooler dropped)."""
+
+    name_or_path: str | None = None
+    """HF hub name or local folder with pretrained weights; ``None`` builds a random-init BERT from the sizes below."""
+    tokenizer: str = "bert-base-uncased"
+    """Tokenizer source: hub name, local folder, or a built-in name (``tiny``: the small synthetic vocabulary)."""
+    num_layers: int = 6
+    hidden_size: int = 768
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    vocab_size: int = 30522
+    max_position: int = 512
+    max_length: int = 64
+    """Tokens per caption, [CLS] and [SEP] included (truncate, then pad)."""
+    dropout: float = 0.1
+    """BERT's hidden and attention dropout (0.1 as in the pretrained bert-base-uncased config)."""
+
+    def validate(self, p: str = "model.text.") -> list[str]:
+        problems: list[str] = []
+        _positive(problems, p, num_layers=self.num_layers, hidden_size=self.hidden_size,
+                  num_heads=self.num_heads, intermediate_size=self.intermediate_size,
+                  vocab_size=self.vocab_size, max_position=self.max_position)
+        if self.max_length < 3:
+            problems.append(f"{p}max_length: must be >= 3 ([CLS], one token, [SEP]), got {self.max_length}")
+        elif self.max_length > self.max_position:
+            problems.append(f"{p}max_length: {self.max_length} exceeds max_position {self.max_position}")
+        if self.hidden_size > 0 and self.num_heads > 0 and self.hidden_size % self.num_heads:
+            problems.append(f"{p}hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"{p}dropout: must be in [0, 1), got {self.dropout}")
+        return problems
+
+
+@dataclass
+class ImageTowerConfig:
+    """A ViT in Data2Vec2's layout (post-LN blocks, pre-norm, position embedding without the CLS slot)."""
+
+    checkpoint: str | None = None
+    """Data2Vec2 checkpoint (``base_imagenet.pt``); ``None`` = random init."""
+    img_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 6
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+
+    def validate(self, p: str = "model.image.") -> list[str]:
+        problems: list[str] = []
+        _positive(problems, p, img_size=self.img_size, patch_size=self.patch_size, width=self.width,
+                  depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio)
+        if self.img_size > 0 and self.patch_size > 0 and self.img_size % self.patch_size:
+            problems.append(f"{p}img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        if self.width > 0 and self.num_heads > 0 and self.width % self.num_heads:
+            problems.append(f"{p}width {self.width} is not divisible by num_heads {self.num_heads}")
+        return problems
+
+
+@dataclass
+class SharedBlockConfig:
+    """The one transformer block both modalities pass through."""
+
+    width: int = 768
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    layer_scale_init: float = 0.2
+    dropout: float = 0.0
+
+    def validate(self, p: str = "model.shared.") -> list[str]:
+        problems: list[str] = []
+        _positive(problems, p, width=self.width, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio)
+        if self.width > 0 and self.num_heads > 0 and self.width % self.num_heads:
+            problems.append(f"{p}width {self.width} is not divisible by num_heads {self.num_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"{p}dropout: must be in [0, 1), got {self.dropout}")
+        return problems
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen image teacher (BEiTv2 layout) whose CLS feature is the KD target."""
+
+    enabled: bool = True
+    checkpoint: str | None = None
+    """BEiTv2 checkpoint (``beitv2_base_patch16_224_pt1k.pth``); ``None`` = random init."""
+    img_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    layer_scale_init: float = 0.1
+
+    def validate(self, p: str = "model.teacher.") -> list[str]:
+        problems: list[str] = []
+        _positive(problems, p, img_size=self.img_size, patch_size=self.patch_size, width=self.width,
+                  depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio)
+        if self.width > 0 and self.num_heads > 0 and self.width % self.num_heads:
+            problems.append(f"{p}width {self.width} is not divisible by num_heads {self.num_heads}")
+        return problems
+
+
+@dataclass
+class ModelConfig:
+    """The S-SMKE student and its teacher. ``name`` picks a preset that the other keys adjust."""
+
+    __presets__: ClassVar = staticmethod(model_preset)
+
+    name: str = "s_smke"
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    shared: SharedBlockConfig = field(default_factory=SharedBlockConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    tte_scale_init: float = 1e-5
+    """Init of the LayerScale shared by both token-type embeddings."""
+    init_temperature: float = 0.07
+    """Initial temperature of both ITC logit scales (scale = 1/T)."""
+    max_logit_scale: float = 100.0
+    """ITC logit scales are clamped to [1, this] after every optimizer step."""
+
+    def validate(self, p: str = "model.") -> list[str]:
+        problems = (self.text.validate(p + "text.") + self.image.validate(p + "image.")
+                    + self.shared.validate(p + "shared.") + self.teacher.validate(p + "teacher."))
+        _positive(problems, p, tte_scale_init=self.tte_scale_init, init_temperature=self.init_temperature,
+                  max_logit_scale=self.max_logit_scale)
+        if self.teacher.enabled and self.teacher.img_size != self.image.img_size:
+            problems.append(f"{p}teacher.img_size {self.teacher.img_size} differs from image.img_size "
+                            f"{self.image.img_size}; the teacher sees the student's augmented image")
+        return problems
+
+    @property
+    def target_dim(self) -> int:
+        """Width of the KD head output: the teacher's width (the shared width without a teacher)."""
+        return self.teacher.width if self.teacher.enabled else self.shared.width
+
+
+@dataclass
+class LossConfig:
+    """L = kd_weight * KD + itc_weight * mean(ITC level 1, ITC level 2)."""
+
+    kd_weight: float = 1.0
+    itc_weight: float = 1.0
+    kd_temperature: float = 0.07
+    """Temperature of the KD contrastive loss (fixed unless ``kd_learnable_temperature``)."""
+    kd_learnable_temperature: bool = False
+    memory_bank_size: int = 65536
+    """FIFO bank of past teacher targets used as extra KD negatives; 0 disables it."""
+    kd_global_negatives: bool = False
+    """Also use the other ranks' current-step targets as KD negatives (the reference uses local ones only)."""
+
+    def validate(self, p: str = "loss.") -> list[str]:
+        problems: list[str] = []
+        _positive(problems, p, kd_temperature=self.kd_temperature)
+        if self.kd_weight < 0 or self.itc_weight < 0:
+            problems.append(f"{p}kd_weight/itc_weight: must be >= 0")
+        if self.kd_weight == 0 and self.itc_weight == 0:
+            problems.append(f"{p}kd_weight and itc_weight are both 0: nothing to train")
+        if self.memory_bank_size < 0:
+            problems.append(f"{p}memory_bank_size: must be >= 0, got {self.memory_bank_size}")
+        return problems
+
+
+@dataclass
+class DataConfig:
+    """Training shards (webdataset, img2dataset layout) and the pretraining augmentation."""
+
+    root: str = "data"
+    """Data root (``--data``); ``train`` entries are relative to it."""
+    train: list[str] = field(default_factory=lambda: ["."])
+    """Folders (searched recursively for ``*.tar``), tar files, or brace patterns like ``cc3m/{00000..00331}.tar``."""
+    val: str | None = None
+    """Karpathy-style retrieval index (folder or JSON, relative to root) evaluated at the end of training."""
+    val_split: str = "test"
+    samples_per_epoch: int | None = None
+    """Nominal epoch length; by default counted from the shards' ``*_stats.json`` or their members."""
+    num_workers: int = 8
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    color_jitter: float = 0.4
+    hflip: float = 0.5
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def validate(self, p: str = "data.") -> list[str]:
+        problems: list[str] = []
+        if not self.train:
+            problems.append(f"{p}train: needs at least one shard folder, file or pattern")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            problems.append(f"{p}crop_scale: needs 0 < min <= max <= 1, got {list(self.crop_scale)}")
+        if not 0 <= self.hflip <= 1:
+            problems.append(f"{p}hflip: a probability in [0, 1], got {self.hflip}")
+        if self.color_jitter < 0:
+            problems.append(f"{p}color_jitter: must be >= 0, got {self.color_jitter}")
+        if self.num_workers < 0:
+            problems.append(f"{p}num_workers: must be >= 0, got {self.num_workers}")
+        if any(s <= 0 for s in self.std):
+            problems.append(f"{p}std: must be > 0, got {list(self.std)}")
+        _positive(problems, p, samples_per_epoch=self.samples_per_epoch)
+        return problems
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with the reference's parameter groups; LR scales linearly with the global batch."""
+
+    lr: float = 1e-4
+    lr_base_batch: int = 256
+    """The peak LR is ``lr * global_batch / lr_base_batch`` (2e-4 for 2 GPUs x 256)."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.1
+    warmup_steps: int | None = None
+    """Overrides ``warmup_ratio`` when set."""
+    grad_clip: float = 0.0
+    """Max global gradient norm; 0 disables clipping."""
+
+    def validate(self, p: str = "optim.") -> list[str]:
+        problems: list[str] = []
+        _positive(problems, p, lr=self.lr, lr_base_batch=self.lr_base_batch, eps=self.eps)
+        if not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"{p}betas: both in [0, 1), got {list(self.betas)}")
+        if self.weight_decay < 0:
+            problems.append(f"{p}weight_decay: must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"{p}warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            problems.append(f"{p}warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.grad_clip < 0:
+            problems.append(f"{p}grad_clip: must be >= 0 (0 = off), got {self.grad_clip}")
+        return problems
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings: batch, length, precision, logging and checkpointing."""
+
+    batch_size: int = 256
+    """Per device (per process), per micro-batch."""
+    grad_accum: int = 1
+    epochs: int = 7
+    max_steps: int | None = None
+    """Optimizer steps; overrides ``epochs`` when set."""
+    precision: Precision = "auto"
+    """``auto`` = bf16 on GPUs that support it, else fp32."""
+    seed: int = 42
+    log_every: int = 50
+    ckpt_every: int = 1000
+    """Steps between checkpoints (a final one is always written)."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep (0 = all)."""
+    matmul_precision: Literal["highest", "high", "medium"] = "high"
+
+    def validate(self, p: str = "train.") -> list[str]:
+        problems: list[str] = []
+        _positive(problems, p, batch_size=self.batch_size, grad_accum=self.grad_accum, epochs=self.epochs,
+                  max_steps=self.max_steps, log_every=self.log_every,
+                  ckpt_every=self.ckpt_every)
+        if self.keep_checkpoints < 0:
+            problems.append(f"{p}keep_checkpoints: must be >= 0, got {self.keep_checkpoints}")
+        return problems
+
+
+@dataclass
+class PretrainConfig:
+    """Everything ``evlp pretrain`` needs; saved resolved as ``RUN/config.yaml``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out: str = "runs/pretrain"
+    """Run folder (``--out``)."""
+
+    def validate(self) -> list[str]:
+        problems = (self.model.validate() + self.loss.validate() + self.data.validate()
+                    + self.optim.validate() + self.train.validate())
+        if not self.model.teacher.enabled and self.loss.kd_weight > 0:
+            problems.append("loss.kd_weight > 0 needs model.teacher.enabled=true "
+                            "(or set loss.kd_weight=0 to train with ITC only)")
+        return problems

@@ -1,0 +1,112 @@
+"""Evaluation runners: load a checkpoint, embed a benchmark, score it, write the result JSON."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evlp.checkpoint import write_json
+
+
+@dataclass
+class RetrievalEvalConfig:
+    """``evlp eval retrieval`` settings."""
+
+    ckpt: str
+    """Run folder, checkpoint or exported model."""
+    data: str
+    """Karpathy-style index: a folder or JSON file."""
+    split: str = "test"
+    out: str | None = None
+    """Where to write the result JSON (default: ``<run>/eval/retrieval[_<dataset>_<split>].json``)."""
+    images_root: str | None = None
+    batch_size: int = 128
+    num_workers: int = 2
+    device: str | None = None
+
+
+@dataclass
+class RetrievalResult:
+    """Karpathy-protocol retrieval scores (percent) of one checkpoint on one split."""
+
+    dataset: str
+    split: str
+    checkpoint: str
+    n_images: int
+    n_texts: int
+    metrics: dict[str, float]
+    seconds: float = 0.0
+    protocol: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The result file's content (``task`` first, as every evlp result)."""
+        d = asdict(self)
+        d.pop("path")
+        return {"task": "retrieval", **d}
+
+
+class _ImageFiles:
+    """Map-style dataset of (transformed) images from paths, for a DataLoader."""
+
+    def __init__(self, paths: list[Path], transform: Any) -> None:
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Any:
+        from evlp.data.transforms import load_rgb
+
+        return self.transform(load_rgb(self.paths[i]))
+
+
+def embed_index(encoder: Any, index: Any, batch_size: int = 128, num_workers: int = 2) -> tuple[Any, Any]:
+    """Embed each image of a retrieval index once and every caption: ``(images (N_i, D), texts (N_t, D))``."""
+    import torch
+
+    loader = torch.utils.data.DataLoader(_ImageFiles(index.image_paths, encoder.transform), batch_size=batch_size,
+                                         num_workers=num_workers, shuffle=False)
+    images = torch.cat([encoder.encode_pixels(px) for px in loader])
+    texts = encoder.encode_text(index.texts, batch_size=max(batch_size, 256))
+    return images, texts
+
+
+def evaluate_retrieval(cfg: RetrievalEvalConfig, encoder: Any = None) -> RetrievalResult:
+    """Image-text retrieval on a Karpathy-style split: TR@1/5/10, IR@1/5/10, RSUM and their mean.
+
+    Args:
+        cfg: what to evaluate and where to write it.
+        encoder: an already loaded :class:`evlp.api.Encoder` (else loaded from ``cfg.ckpt``).
+
+    Raises:
+        CheckpointError, DataNotFoundError: missing or unreadable inputs.
+    """
+    from evlp.api import load
+    from evlp.checkpoint import find_checkpoint
+    from evlp.data.karpathy import load_retrieval_index
+    from evlp.eval.retrieval import retrieval_metrics
+
+    t0 = time.perf_counter()
+    index = load_retrieval_index(cfg.data, split=cfg.split, images_root=cfg.images_root)
+    encoder = encoder or load(cfg.ckpt, device=cfg.device)
+    images, texts = embed_index(encoder, index, cfg.batch_size, cfg.num_workers)
+    metrics = {k: round(v, 4) for k, v in retrieval_metrics(images @ texts.T, index.text_to_image).items()}
+    result = RetrievalResult(
+        dataset=index.dataset, split=index.split, checkpoint=str(find_checkpoint(cfg.ckpt)),
+        n_images=len(index.image_paths), n_texts=len(index.texts), metrics=metrics,
+        seconds=time.perf_counter() - t0,
+        protocol={"index": str(index.source), "image_size": encoder.config.image.img_size,
+                  "resize": "squash, bicubic", "embedding": "shared-block CLS (x)", "images_encoded_once": True},
+    )
+    out = Path(cfg.out) if cfg.out else _default_out(Path(result.checkpoint), index.dataset, index.split)
+    write_json(out, result.to_json())
+    result.path = str(out)
+    return result
+
+
+def _default_out(ckpt: Path, dataset: str, split: str) -> Path:
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    return run / "eval" / f"retrieval_{dataset}_{split}.json"

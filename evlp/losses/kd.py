@@ -1,0 +1,202 @@
+"""Contrastive knowledge distillation against frozen-teacher targets, with a FIFO memory bank.
+
+The student's image and text KD-head outputs must each pick out the teacher's CLS target of their
+own pair among the candidates: the local targets (positives on the diagonal), the targets stored in
+a :class:`MemoryBank` from earlier steps, and optionally the other ranks' current targets. The
+teacher is frozen, so old targets stay consistent and a plain FIFO bank needs no momentum encoder.
+
+Order of a training step (every rank):
+
+1. ``out = kd_loss(s_img, s_txt, targets, bank.negatives(), scale, rank=r, world_size=W)``
+2. ``update_bank(bank, targets, W)`` — gathers the targets of *all* ranks and pushes them, so the
+   bank stays identical on every rank. Push after the loss: the current targets must not appear
+   twice among the candidates.
+
+Unlike the reference, an empty bank contributes no negatives (it used to start with uniform-random
+rows), any batch size works with any bank size, and a single process needs no special case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from evlp.dist import gather_no_grad
+from evlp.losses.clip import check_rank, top1_accuracy, upcast_half
+
+
+class MemoryBank(nn.Module):
+    """FIFO ring buffer of teacher targets used as extra KD negatives.
+
+    Buffers (all persistent, so checkpoints resume the bank exactly):
+        bank: (size, dim) stored rows, zeros until written.
+        ptr: long scalar, the row the next push writes first.
+        filled: long scalar, how many rows hold real targets (``min(pushed, size)``).
+
+    While the bank is not yet full, the valid rows are exactly ``bank[:filled]`` because writing
+    starts at row 0 and ``ptr == filled``.
+
+    Args:
+        size: number of rows; 0 disables the bank (no negatives, pushes ignored).
+        dim: feature width.
+    """
+
+    bank: Tensor
+    ptr: Tensor
+    filled: Tensor
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
+        if size < 0 or dim < 1:
+            raise ValueError(f"MemoryBank needs size >= 0 and dim >= 1; got size={size}, dim={dim}")
+        self.size = size
+        self.dim = dim
+        self.register_buffer("bank", torch.zeros(size, dim))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    def negatives(self) -> Tensor:
+        """The rows that hold real targets.
+
+        Returns:
+            (filled, dim) view of the bank (row order is irrelevant to the loss); (0, dim) when
+            empty or disabled. It is a view: copy it if you keep it across a :meth:`push`.
+        """
+        return self.bank[: int(self.filled)]
+
+    @torch.no_grad()
+    def push(self, x: Tensor) -> None:
+        """Write the rows of ``x`` first-in-first-out, starting at ``ptr`` and wrapping around.
+
+        Equivalent to writing row i at ``(ptr + i) % size`` in order; when ``N > size`` only the
+        last ``size`` rows survive. Any N works (no divisibility requirement).
+
+        Args:
+            x: (N, dim) rows, cast to the bank's dtype and device.
+        """
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"MemoryBank.push expects (N, {self.dim}); got {tuple(x.shape)}")
+        n = x.shape[0]
+        if self.size == 0 or n == 0:
+            return
+        ptr = int(self.ptr)
+        rows = x.detach().to(device=self.bank.device, dtype=self.bank.dtype)
+        skipped = max(n - self.size, 0)  # rows overwritten within this same push
+        rows = rows[skipped:]  # (min(N, size), dim)
+        start = (ptr + skipped) % self.size
+        index = (start + torch.arange(rows.shape[0], device=self.bank.device)) % self.size
+        self.bank[index] = rows
+        self.ptr.fill_((ptr + n) % self.size)
+        self.filled.fill_(min(int(self.filled) + n, self.size))
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, dim={self.dim}"
+
+
+@dataclass
+class KDLossOutput:
+    """Result of :func:`kd_loss`.
+
+    Attributes:
+        loss: scalar, ½·(loss_image + loss_text).
+        loss_image: CE of the student image rows over the candidates.
+        loss_text: CE of the student text rows over the candidates.
+        acc_image: top-1 accuracy of the image rows (float scalar, no grad).
+        acc_text: top-1 accuracy of the text rows (float scalar, no grad).
+        acc: mean of the two accuracies.
+    """
+
+    loss: Tensor
+    loss_image: Tensor
+    loss_text: Tensor
+    acc_image: Tensor
+    acc_text: Tensor
+    acc: Tensor
+
+
+def kd_loss(
+    student_image: Tensor,
+    student_text: Tensor,
+    targets: Tensor,
+    bank_negatives: Tensor | None,
+    logit_scale: Tensor | float,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    global_negatives: bool = False,
+) -> KDLossOutput:
+    """Contrastive KD: each student row must match its own teacher target among all candidates.
+
+    Candidates are ``[local targets (B) | bank negatives (M) | other ranks' targets (B*(W-1)) if
+    global_negatives]``; row i's positive is candidate i.
+
+    Args:
+        student_image: (B, D) raw student image KD features (normalised here).
+        student_text: (B, D) raw student text KD features (normalised here).
+        targets: (B, D) raw teacher CLS targets (normalised here, never receive gradient).
+        bank_negatives: (M, D) L2-normalised stored targets, e.g. ``bank.negatives()`` (the bank
+            stores normalised rows via :func:`update_bank`); None or (0, D) for in-batch only.
+        logit_scale: the multiplicative scale (already exponentiated), e.g. 1/0.07.
+        rank: global rank of this process.
+        world_size: number of processes; every rank must have the same B.
+        global_negatives: also use the other ranks' current targets as negatives.
+
+    Returns:
+        :class:`KDLossOutput` for the local rows.
+    """
+    check_rank(rank, world_size)
+    if not (student_image.shape == student_text.shape == targets.shape) or targets.dim() != 2:
+        raise ValueError(
+            "student_image, student_text and targets must all be (B, D); got "
+            f"{tuple(student_image.shape)}, {tuple(student_text.shape)}, {tuple(targets.shape)}"
+        )
+    s_img = F.normalize(upcast_half(student_image), dim=-1)  # (B, D)
+    s_txt = F.normalize(upcast_half(student_text), dim=-1)  # (B, D)
+    tgt = F.normalize(upcast_half(targets.detach()), dim=-1)  # (B, D)
+    batch = tgt.shape[0]
+
+    parts = [tgt]
+    if bank_negatives is not None and bank_negatives.shape[0] > 0:
+        parts.append(bank_negatives.detach().to(device=tgt.device, dtype=tgt.dtype))  # (M, D)
+    if global_negatives and world_size > 1:
+        everyone = gather_no_grad(tgt, world_size)  # (W * B, D)
+        parts += [everyone[: rank * batch], everyone[(rank + 1) * batch :]]  # (B * (W - 1), D)
+    candidates = torch.cat(parts, dim=0)  # (B + M [+ B * (W - 1)], D); a copy, safe across push()
+
+    logits_image = logit_scale * s_img @ candidates.T  # (B, C)
+    logits_text = logit_scale * s_txt @ candidates.T  # (B, C)
+    labels = torch.arange(batch, device=tgt.device)  # (B,)
+
+    loss_image = F.cross_entropy(logits_image, labels)
+    loss_text = F.cross_entropy(logits_text, labels)
+    acc_image = top1_accuracy(logits_image, labels)
+    acc_text = top1_accuracy(logits_text, labels)
+    return KDLossOutput(
+        loss=(loss_image + loss_text) / 2,
+        loss_image=loss_image,
+        loss_text=loss_text,
+        acc_image=acc_image,
+        acc_text=acc_text,
+        acc=(acc_image + acc_text) / 2,
+    )
+
+
+@torch.no_grad()
+def update_bank(bank: MemoryBank, targets: Tensor, world_size: int) -> None:
+    """Gather the current targets of all ranks and push them, L2-normalised, into the bank.
+
+    Call it on every rank after :func:`kd_loss`: every rank pushes the same gathered rows in the
+    same (rank) order, so the banks stay identical without any broadcast.
+
+    Args:
+        bank: the memory bank to update.
+        targets: (B, D) raw local teacher targets (same B on every rank).
+        world_size: number of processes.
+    """
+    if bank.size == 0:  # same on every rank, so skipping the collective is safe
+        return
+    everyone = gather_no_grad(targets, world_size)  # (W * B, D)
+    bank.push(F.normalize(upcast_half(everyone), dim=-1))

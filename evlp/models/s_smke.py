@@ -1,0 +1,95 @@
+"""S-SMKE: two truncated unimodal towers joined by one shared transformer block (reference.md section 1)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerScale
+from torch import Tensor, nn
+
+from evlp.config.schema import ModelConfig
+from evlp.models.blocks import LN_EPS, SharedBlock, init_fresh_weights
+from evlp.models.image import Data2Vec2ImageTower
+from evlp.models.text import TextTower
+
+TEXT, IMAGE = 0, 1
+"""Token-type indices: 0 = text, 1 = image."""
+
+
+class SSMKE(nn.Module):
+    """The S-SMKE student.
+
+    ``encode_text`` / ``encode_image`` return a dict with
+      - ``x``: L2-normalised CLS of the shared block output (B, D) -- ITC level 2, retrieval, zero-shot;
+      - ``x_interm``: L2-normalised CLS of the shared block's fc1 pre-activation (B, 4D) -- ITC level 1;
+      - ``kd``: ``head(fc_norm(x_cls))`` (B, target_dim), un-normalised -- the KD output.
+
+    Args:
+        cfg: the model config (tower sizes, shared block, inits).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.shared.width
+        self.text = TextTower(cfg.text)
+        self.image = Data2Vec2ImageTower(cfg.image)
+        # Projections exist only when a tower's width differs from the shared width.
+        self.text_proj = nn.Linear(self.text.width, d) if self.text.width != d else nn.Identity()
+        self.image_proj = nn.Linear(self.image.width, d) if self.image.width != d else nn.Identity()
+        # Named *_embeddings so the no-weight-decay rule for embedding tables applies (as in the reference).
+        self.token_type_embeddings = nn.Embedding(2, d)  # keeps PyTorch's N(0, 1) init, scaled by 1e-5 below
+        self.token_type_scale = LayerScale(d, init_values=cfg.tte_scale_init)
+        self.shared = SharedBlock(d, cfg.shared.num_heads, cfg.shared.mlp_ratio, cfg.shared.layer_scale_init,
+                                  cfg.shared.dropout)
+        self.fc_norm = nn.LayerNorm(d, eps=LN_EPS)
+        self.head = nn.Linear(d, cfg.target_dim)
+        for part in (self.text_proj, self.image_proj, self.shared, self.fc_norm, self.head):
+            init_fresh_weights(part)
+        # Index 0: ITC on x_interm, index 1: ITC on x. Stored as log-scales, clamped to [0, ln(max)].
+        self.logit_scales = nn.Parameter(torch.full((2,), math.log(1.0 / cfg.init_temperature)))
+
+    # ------------------------------------------------------------------ encoding
+    def _shared(self, h: Tensor, modality: int, key_padding_mask: Tensor | None) -> dict[str, Tensor]:
+        tte = self.token_type_scale(self.token_type_embeddings.weight[modality])  # (D,)
+        interm_cls, out = self.shared(h + tte, key_padding_mask)  # (B, 4D), (B, T, D)
+        x_cls = out[:, 0]  # (B, D)
+        return {
+            "x": F.normalize(x_cls, dim=-1),
+            "x_interm": F.normalize(interm_cls, dim=-1),
+            "kd": self.head(self.fc_norm(x_cls)),
+        }
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+        """``input_ids``/``attention_mask`` (B, T) with mask 1 = real token."""
+        h = self.text_proj(self.text(input_ids, attention_mask))  # (B, T, D)
+        return self._shared(h, TEXT, attention_mask == 0)
+
+    def encode_image(self, pixels: Tensor) -> dict[str, Tensor]:
+        """``pixels`` (B, 3, H, W), normalised."""
+        h = self.image_proj(self.image(pixels))  # (B, 1+N, D)
+        return self._shared(h, IMAGE, None)
+
+    def forward(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+        """Both modalities; keys suffixed ``_image`` / ``_text`` (``x_image``, ``kd_text`` ...)."""
+        out = {f"{k}_image": v for k, v in self.encode_image(pixels).items()}
+        out.update({f"{k}_text": v for k, v in self.encode_text(input_ids, attention_mask).items()})
+        return out
+
+    # ------------------------------------------------------------------ training helpers
+    @torch.no_grad()
+    def clamp_logit_scales(self) -> None:
+        """Clamp both ITC log-scales to [0, ln(max_logit_scale)] (scale in [1, 100] by default)."""
+        self.logit_scales.clamp_(0.0, math.log(self.cfg.max_logit_scale))
+
+    def parts(self) -> dict[str, list[nn.Module]]:
+        """The model's parts for parameter reports: text, image, shared, heads."""
+        return {
+            "text tower": [self.text],
+            "image tower": [self.image],
+            "shared block": [self.shared],
+            "token types, KD head, logit scales": [self.text_proj, self.image_proj, self.token_type_embeddings,
+                                                    self.token_type_scale, self.fc_norm, self.head],
+        }

@@ -1,0 +1,279 @@
+"""S-SMKE pretraining: the Task (model, data, loss) and the ``pretrain`` entry point."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import platform
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from evlp.checkpoint import CONFIG, TOKENIZER, latest_checkpoint, write_json
+from evlp.config.loader import dump_yaml, from_dict, read_yaml, to_dict, write_atomic
+from evlp.config.schema import PretrainConfig
+from evlp.data.shards import ShardStream, StreamTracker, count_samples, expand_shards
+from evlp.data.tokenize import CaptionTokenizer, build_caption_tokenizer
+from evlp.data.transforms import load_rgb, pretrain_transforms
+from evlp.dist import DistInfo
+from evlp.errors import ConfigError
+from evlp.losses import MemoryBank, clip_loss, kd_loss, total_loss, update_bank
+from evlp.models import build_model, build_teacher
+from evlp.train.loop import RunResult, fit
+from evlp.train.task import Progress
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class DecodeSample:
+    """Shard member bytes -> ``(pixels (3, H, W), caption)``; None for a sample without image or caption.
+    Corrupt images raise PIL's errors, which the shard stream counts as skipped."""
+
+    def __init__(self, transform: Any) -> None:
+        self.transform = transform
+
+    def __call__(self, members: dict[str, bytes], key: str) -> tuple[Tensor, str] | None:
+        data = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        text = members.get("txt")
+        if data is None or text is None:
+            return None
+        caption = text.decode("utf-8", errors="replace").strip()
+        if not caption:
+            return None
+        return self.transform(load_rgb(io.BytesIO(data))), caption
+
+
+class CollateBatch:
+    """A list of decoded samples -> ``{"image": (B, 3, H, W), "input_ids": (B, T), "attention_mask": (B, T)}``."""
+
+    def __init__(self, tokenizer: CaptionTokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, samples: list[tuple[Tensor, str]]) -> dict[str, Tensor]:
+        return {"image": torch.stack([s[0] for s in samples]), **self.tokenizer([s[1] for s in samples])}
+
+
+class PretrainModule(nn.Module):
+    """The trainable module under DDP: the student plus the KD logit scale (a parameter only when learnable)."""
+
+    def __init__(self, student: nn.Module, kd_temperature: float, learnable: bool) -> None:
+        super().__init__()
+        self.student = student
+        init = torch.tensor(math.log(1.0 / kd_temperature))
+        if learnable:
+            self.kd_logit_scale = nn.Parameter(init)
+        else:
+            self.register_buffer("kd_logit_scale", init, persistent=False)
+
+    def forward(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+        out = self.student(pixels, input_ids, attention_mask)
+        out["itc_scales"] = self.student.logit_scales.exp()  # (2,)
+        out["kd_scale"] = self.kd_logit_scale.exp()
+        return out
+
+
+class PretrainTask:
+    """CLIP ITC on two levels plus contrastive KD from a frozen teacher with a FIFO memory bank.
+
+    Args:
+        cfg: the resolved pretraining config.
+    """
+
+    name = "pretrain"
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        self.cfg = cfg
+        self.shards = expand_shards(cfg.data.root, cfg.data.train)
+        text = cfg.model.text
+        self.tokenizer = build_caption_tokenizer(text.tokenizer, text.max_length, text.vocab_size)
+        self.train_transform, _ = pretrain_transforms(cfg.data, cfg.model.image.img_size)
+        self._samples = cfg.data.samples_per_epoch or count_samples(self.shards)
+        if self._samples < cfg.train.batch_size:
+            raise ConfigError(f"the training data has {self._samples} samples, fewer than train.batch_size "
+                              f"{cfg.train.batch_size}; lower the batch size or add data")
+        self.use_kd = cfg.model.teacher.enabled and cfg.loss.kd_weight > 0
+        self.find_unused_parameters = not self.use_kd or cfg.loss.itc_weight == 0
+        self.teacher: nn.Module | None = None
+        self.bank: MemoryBank | None = None
+        self.tracker: StreamTracker | None = None
+        self.skipped_samples = 0
+
+    # ------------------------------------------------------------------ model and state
+    def build_module(self) -> nn.Module:
+        cfg = self.cfg
+        student = build_model(cfg.model)
+        if self.use_kd:
+            self.teacher = build_teacher(cfg.model.teacher)
+            self.bank = MemoryBank(cfg.loss.memory_bank_size, cfg.model.target_dim)
+        return PretrainModule(student, cfg.loss.kd_temperature, cfg.loss.kd_learnable_temperature)
+
+    def to(self, device: Any) -> None:
+        if self.teacher is not None:
+            self.teacher.to(device)
+        if self.bank is not None:
+            self.bank.to(device)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {f"memory_bank.{k}": v for k, v in self.bank.state_dict().items()} if self.bank is not None else {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if self.bank is not None:
+            bank = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("memory_bank.")}
+            device = self.bank.bank.device
+            self.bank.load_state_dict(bank)
+            self.bank.to(device)
+
+    def data_state(self) -> dict:
+        return {"stream": self.tracker.state_dict() if self.tracker is not None else None}
+
+    def save_artifacts(self, folder: Path) -> None:
+        self.tokenizer.save(folder / TOKENIZER)
+
+    # ------------------------------------------------------------------ data
+    def samples_per_epoch(self) -> int:
+        return self._samples
+
+    def train_batches(self, dist: DistInfo, data_state: dict | None) -> Iterator[dict[str, Any]]:
+        workers = self.cfg.data.num_workers
+        resume = (data_state or {}).get("stream")
+        stream = ShardStream(self.shards, batch_size=self.cfg.train.batch_size,
+                             decode=DecodeSample(self.train_transform), collate=CollateBatch(self.tokenizer),
+                             rank=dist.rank, world_size=dist.world_size, seed=self.cfg.train.seed, resume=resume,
+                             num_workers=workers)
+        if resume is not None and not stream.resume_exact:
+            warnings.warn("the number of processes or data workers changed since the checkpoint; the data "
+                          "stream restarts at the beginning of the interrupted epoch", stacklevel=2)
+        self.tracker = StreamTracker(dist.world_size, workers)
+        if resume is not None and stream.resume_exact:
+            self.tracker.load_state_dict(resume)
+        loader = torch.utils.data.DataLoader(
+            stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        )
+        for batch in loader:
+            self.tracker.update(batch.pop("_pos"))
+            self.skipped_samples = self.tracker.skipped
+            yield batch
+
+    # ------------------------------------------------------------------ loss
+    def training_step(self, module: nn.Module, batch: dict[str, Any], dist: DistInfo
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
+        pixels = batch["image"]
+        out = module(pixels, batch["input_ids"], batch["attention_mask"])
+        scales = out["itc_scales"].float()
+        levels = []
+        metrics: dict[str, Tensor] = {}
+        for i, key in enumerate(("x_interm", "x")):
+            res = clip_loss(out[f"{key}_image"].float(), out[f"{key}_text"].float(), scales[i],
+                            rank=dist.rank, world_size=dist.world_size)
+            levels.append(res.loss)
+            metrics[f"itc_{key}_loss"] = res.loss.detach()
+            metrics[f"itc_{key}_acc"] = res.acc.detach()
+            metrics[f"itc_{key}_scale"] = scales[i].detach()
+        kd = None
+        if self.teacher is not None:
+            targets = F.normalize(self.teacher(pixels).float(), dim=-1)  # (B, Dt), no grad
+            res = kd_loss(out["kd_image"].float(), out["kd_text"].float(), targets, self.bank.negatives(),
+                          out["kd_scale"].float(), rank=dist.rank, world_size=dist.world_size,
+                          global_negatives=self.cfg.loss.kd_global_negatives)
+            update_bank(self.bank, targets, dist.world_size)
+            kd = res.loss
+            metrics.update(kd_loss=res.loss.detach(), kd_image_loss=res.loss_image.detach(),
+                           kd_text_loss=res.loss_text.detach(), kd_acc=res.acc.detach())
+        loss = total_loss(kd, levels if self.cfg.loss.itc_weight > 0 else [], self.cfg.loss.kd_weight,
+                          self.cfg.loss.itc_weight)
+        return loss, metrics
+
+    def after_optimizer_step(self, module: nn.Module) -> None:
+        module.student.clamp_logit_scales()
+
+
+# ---------------------------------------------------------------------- entry point
+def _env_record(cfg: PretrainConfig) -> dict[str, Any]:
+    import accelerate
+    import timm
+    import transformers
+
+    from evlp import __version__
+
+    return {
+        "evlp": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "timm": timm.__version__, "accelerate": accelerate.__version__,
+        "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(), "platform": platform.platform(),
+        "world_size": int(os.environ.get("WORLD_SIZE", 1)),
+    }
+
+
+def _check_resume(cfg: PretrainConfig, run_dir: Path, resume: bool) -> None:
+    has_ckpt = latest_checkpoint(run_dir) is not None
+    if not resume and has_ckpt:
+        raise ConfigError(f"{run_dir} already holds a run with checkpoints; pass --resume to continue it, "
+                          "or choose another --out")
+    if resume and not has_ckpt:
+        raise ConfigError(f"--resume: {run_dir} has no complete checkpoint to continue from; "
+                          "drop --resume to start the run")
+    if resume and (run_dir / CONFIG).is_file():
+        saved = to_dict(from_dict(PretrainConfig, read_yaml(run_dir / CONFIG), where=str(run_dir / CONFIG)))
+        now = to_dict(cfg)
+        changed = [f"model.{k}" for k in now["model"] if now["model"][k] != saved["model"].get(k)]
+        changed += [f"train.{k}" for k in ("batch_size", "grad_accum", "seed")
+                    if now["train"][k] != saved["train"][k]]
+        if changed:
+            raise ConfigError(f"--resume: {', '.join(changed)} differ from the run's saved {run_dir / CONFIG}; "
+                              "resume with the same model and batch settings (omit --config to reuse them)")
+        schedule = [f"optim.{k}" for k in now["optim"] if now["optim"][k] != saved["optim"][k]]
+        schedule += [f"train.{k}" for k in ("epochs", "max_steps") if now["train"][k] != saved["train"][k]]
+        if schedule:
+            warnings.warn(f"--resume: {', '.join(schedule)} changed since the run started; the learning-rate "
+                          "schedule continues with the new values", stacklevel=3)
+
+
+def pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int | None = None,
+             progress: Progress | None = None) -> RunResult:
+    """Pretrain S-SMKE as configured; resumable; writes the run folder ``cfg.out``.
+
+    ``stop_after`` ends this invocation after that many optimizer steps (see :func:`evlp.train.loop.fit`).
+
+    Runs on one CPU/GPU or, under ``accelerate launch`` / ``torchrun``, on every process of the job.
+
+    Raises:
+        ConfigError: bad settings, or a run folder that conflicts with ``resume``.
+        DataNotFoundError: no training shards.
+    """
+    run_dir = Path(cfg.out)
+    _check_resume(cfg, run_dir, resume)
+    task = PretrainTask(cfg)
+    config_text = dump_yaml(cfg)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / CONFIG, config_text)
+        write_json(run_dir / "env.json", _env_record(cfg))
+    result = fit(task, cfg.optim, cfg.train, run_dir, resume=resume, stop_after=stop_after,
+                 files={CONFIG: config_text},
+                 progress=progress)
+    if is_main and cfg.data.val and result.checkpoint is not None and result.steps == result.total_steps:
+        from evlp.eval.runner import RetrievalEvalConfig, evaluate_retrieval
+
+        val = Path(cfg.data.val)
+        val = val if val.is_absolute() else Path(cfg.data.root) / val
+        res = evaluate_retrieval(RetrievalEvalConfig(ckpt=str(result.checkpoint), data=str(val),
+                                                     split=cfg.data.val_split,
+                                                     out=str(run_dir / "eval" / "retrieval.json")))
+        result.eval = res
+    if is_main:
+        write_json(run_dir / "summary.json", {
+            "steps": result.steps, "total_steps": result.total_steps, "samples": result.samples,
+            "seconds": result.seconds, "samples_per_s": result.samples_per_s, "world_size": result.world_size,
+            "precision": result.precision, "peak_lr": result.peak_lr, "metrics": result.metrics,
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+            "skipped_samples": result.skipped_samples, "resumed_from": result.resumed_from,
+            "eval": result.eval.to_json() if result.eval is not None else None,
+        })
+    return result

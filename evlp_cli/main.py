@@ -1,0 +1,90 @@
+"""The ``evlp`` command: a thin Typer app over the ``evlp`` library.
+
+Only typer, rich and torch-free parts of evlp are imported here; commands import the heavy parts in
+their bodies, so ``evlp --help`` and TAB completion stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import typer
+
+from evlp import __version__
+from evlp.errors import EvlpError
+from evlp_cli import config as config_cmd
+from evlp_cli import data, evaluate, finetune, model, pretrain, quickstart, sweep
+from evlp_cli import bench
+
+app = typer.Typer(
+    name="evlp",
+    help="Efficient vision-language pretraining from pretrained unimodal encoders (S-SMKE).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"evlp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Show the version and exit."),
+) -> None:
+    """Efficient vision-language pretraining from pretrained unimodal encoders (S-SMKE)."""
+
+
+app.add_typer(data.app, name="data")
+app.command("pretrain", no_args_is_help=False)(pretrain.pretrain)
+app.add_typer(finetune.app, name="finetune")
+app.add_typer(evaluate.app, name="eval")
+app.add_typer(sweep.app, name="sweep")
+app.command("bench")(bench.bench)
+app.add_typer(model.app, name="model")
+app.add_typer(config_cmd.app, name="config")
+app.command("quickstart")(quickstart.quickstart)
+app.command("export")(model.export)
+
+
+def main() -> None:
+    """Console entry point: run the app, map evlp errors to one red line and an exit code."""
+    debug = os.environ.get("EVLP_DEBUG", "") not in ("", "0")
+    if not debug:
+        import warnings
+
+        def _one_line(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+            from evlp_cli import _render
+
+            _render.warn(str(message))
+
+        warnings.showwarning = _one_line
+    try:
+        app()
+    except EvlpError as exc:
+        if debug:
+            raise
+        from evlp_cli import _render
+
+        _render.error(str(exc))
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        from evlp_cli import _render
+
+        _render.error("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - reported, never swallowed
+        if debug:
+            raise
+        from evlp_cli import _render
+
+        _render.error(f"{type(exc).__name__}: {exc} (run with EVLP_DEBUG=1 for the traceback)")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Config loading: defaults <- preset <- recipe <- overrides, with every problem reported at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evlp.config import (
+    CONFIG_SCHEMAS,
+    ModelConfig,
+    PretrainConfig,
+    dump_yaml,
+    find_recipe,
+    from_dict,
+    list_recipes,
+    load_config,
+    parse_overrides,
+    save_config,
+    to_dict,
+)
+from evlp.errors import ConfigError, UnknownNameError
+
+
+def test_parse_overrides_nests_and_parses_yaml_values() -> None:
+    got = parse_overrides(["train.batch_size=32", "optim.lr=1e-4", "data.train=[a,b]", "data.val=null",
+                           "model.text.tokenizer=tiny"])
+    assert got == {"train": {"batch_size": 32}, "optim": {"lr": "1e-4"}, "data": {"train": ["a", "b"], "val": None},
+                   "model": {"text": {"tokenizer": "tiny"}}}
+
+
+@pytest.mark.parametrize("bad", ["train.batch_size", "=3", "a..b=1"])
+def test_parse_overrides_rejects_malformed(bad: str) -> None:
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_overrides([bad])
+
+
+def test_every_problem_is_reported_at_once_with_hints() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(PretrainConfig, "tiny", ["train.batch_sise=3", "model.text.num_layers=six",
+                                             "train.precision=bf17", "optim.betas=[0.9]", "foo=1"])
+    problems = info.value.problems
+    assert len(problems) == 5
+    text = "\n".join(problems)
+    assert "did you mean 'train.batch_size'" in text
+    assert "model.text.num_layers: expected int, got 'six'" in text
+    assert "did you mean 'bf16'" in text
+    assert "optim.betas" in text
+    assert "unknown key 'foo'" in text
+    assert info.value.exit_code == 2
+
+
+def test_validation_problems_are_collected_too() -> None:
+    with pytest.raises(ConfigError) as info:
+        from_dict(PretrainConfig, {"train": {"batch_size": 0}, "model": {"shared": {"width": 30, "num_heads": 4}},
+                                   "data": {"crop_scale": [0.9, 0.5]}})
+    text = "\n".join(info.value.problems)
+    assert "train.batch_size: must be > 0" in text
+    assert "model.shared.width 30 is not divisible by num_heads 4" in text
+    assert "data.crop_scale" in text
+
+
+def test_value_coercion() -> None:
+    cfg = from_dict(PretrainConfig, {"optim": {"lr": "3e-4", "betas": "0.8, 0.9", "warmup_steps": "null"},
+                                     "train": {"max_steps": "100", "batch_size": 8.0},
+                                     "model": {"teacher": {"enabled": "false"}}, "loss": {"kd_weight": 0}})
+    assert cfg.optim.lr == pytest.approx(3e-4) and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.optim.warmup_steps is None and cfg.train.max_steps == 100 and cfg.train.batch_size == 8
+    assert cfg.model.teacher.enabled is False
+    with pytest.raises(ConfigError, match="train.batch_size: expected int, got 8.5"):
+        from_dict(PretrainConfig, {"train": {"batch_size": 8.5}})
+
+
+def test_model_preset_then_explicit_keys() -> None:
+    tiny = from_dict(ModelConfig, {"name": "s_smke_tiny"})
+    assert tiny.text.hidden_size == 64 and tiny.image.img_size <= 64 and tiny.text.tokenizer == "tiny"
+    adjusted = from_dict(ModelConfig, {"name": "s_smke_tiny", "image": {"depth": 1}})
+    assert adjusted.image.depth == 1 and adjusted.image.width == 64
+    paper = from_dict(ModelConfig, {})
+    assert (paper.text.num_layers, paper.image.depth, paper.shared.width) == (6, 6, 768)
+    with pytest.raises(ConfigError, match="unknown preset 's_smke_tyni'.*did you mean 's_smke_tiny'"):
+        from_dict(ModelConfig, {"name": "s_smke_tyni"})
+
+
+def test_recipe_names_and_paths(tmp_path: Path) -> None:
+    assert find_recipe("tiny") == find_recipe("tiny.yaml") == find_recipe("pretrain/tiny")
+    assert find_recipe("s_smke").name == "s_smke.yaml"
+    own = tmp_path / "mine.yaml"
+    own.write_text("train: {batch_size: 4}\n")
+    assert load_config(PretrainConfig, str(own)).train.batch_size == 4
+    with pytest.raises(UnknownNameError, match="did you mean 'tiny'.*shipped: "):
+        find_recipe("tinny")
+
+
+def test_bad_yaml_is_one_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(PretrainConfig, str(bad))
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(PretrainConfig, str(lst))
+
+
+def test_every_shipped_recipe_is_a_valid_delta() -> None:
+    recipes = list_recipes()
+    assert {"s_smke", "tiny"} <= {r.name for r in recipes}
+    for recipe in recipes:
+        schema = CONFIG_SCHEMAS[recipe.command]
+        load_config(schema, str(recipe.path))
+        # deltas only: no key repeats its default value (except the model preset name)
+        delta = yaml.safe_load(recipe.path.read_text()) or {}
+        defaults = to_dict(from_dict(schema, {"model": {"name": delta.get("model", {}).get("name", "s_smke")}}))
+        for section, values in delta.items():
+            if isinstance(values, dict):
+                for key, value in values.items():
+                    if key != "name" and not isinstance(value, dict):
+                        assert defaults[section][key] != value, f"{recipe.name}: {section}.{key} repeats its default"
+        assert recipe.description, f"recipe {recipe.name} needs a leading comment line"
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(PretrainConfig, "tiny", ["train.max_steps=7", "data.root=/x"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(PretrainConfig, str(tmp_path / "config.yaml"))
+    assert again == cfg
+    assert dump_yaml(again) == (tmp_path / "config.yaml").read_text()
