@@ -21,6 +21,21 @@ def _positive(problems: list[str], prefix: str, **values: float | int | None) ->
             problems.append(f"{prefix}{name}: must be > 0, got {value}")
 
 
+def _divides(problems: list[str], prefix: str, name: str, value: int, by_name: str, by: int) -> None:
+    if value > 0 and by > 0 and value % by:
+        problems.append(f"{prefix}{name} {value} is not divisible by {by_name} {by}")
+
+
+def _vit_problems(cfg: "ImageTowerConfig | TeacherConfig", p: str) -> list[str]:
+    """Checks shared by the ViT-shaped sections (image tower, teacher)."""
+    problems: list[str] = []
+    _positive(problems, p, img_size=cfg.img_size, patch_size=cfg.patch_size, width=cfg.width,
+              depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio)
+    _divides(problems, p, "img_size", cfg.img_size, "patch_size", cfg.patch_size)
+    _divides(problems, p, "width", cfg.width, "num_heads", cfg.num_heads)
+    return problems
+
+
 @dataclass
 class TextTowerConfig:
     """A BERT-family text encoder truncated to its first ``num_layers`` layers (pooler dropped)."""
@@ -49,8 +64,7 @@ class TextTowerConfig:
             problems.append(f"{p}max_length: must be >= 3 ([CLS], one token, [SEP]), got {self.max_length}")
         elif self.max_length > self.max_position:
             problems.append(f"{p}max_length: {self.max_length} exceeds max_position {self.max_position}")
-        if self.hidden_size > 0 and self.num_heads > 0 and self.hidden_size % self.num_heads:
-            problems.append(f"{p}hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        _divides(problems, p, "hidden_size", self.hidden_size, "num_heads", self.num_heads)
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"{p}dropout: must be in [0, 1), got {self.dropout}")
         return problems
@@ -70,14 +84,7 @@ class ImageTowerConfig:
     mlp_ratio: float = 4.0
 
     def validate(self, p: str = "model.image.") -> list[str]:
-        problems: list[str] = []
-        _positive(problems, p, img_size=self.img_size, patch_size=self.patch_size, width=self.width,
-                  depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio)
-        if self.img_size > 0 and self.patch_size > 0 and self.img_size % self.patch_size:
-            problems.append(f"{p}img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
-        if self.width > 0 and self.num_heads > 0 and self.width % self.num_heads:
-            problems.append(f"{p}width {self.width} is not divisible by num_heads {self.num_heads}")
-        return problems
+        return _vit_problems(self, p)
 
 
 @dataclass
@@ -93,8 +100,7 @@ class SharedBlockConfig:
     def validate(self, p: str = "model.shared.") -> list[str]:
         problems: list[str] = []
         _positive(problems, p, width=self.width, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio)
-        if self.width > 0 and self.num_heads > 0 and self.width % self.num_heads:
-            problems.append(f"{p}width {self.width} is not divisible by num_heads {self.num_heads}")
+        _divides(problems, p, "width", self.width, "num_heads", self.num_heads)
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"{p}dropout: must be in [0, 1), got {self.dropout}")
         return problems
@@ -116,12 +122,7 @@ class TeacherConfig:
     layer_scale_init: float = 0.1
 
     def validate(self, p: str = "model.teacher.") -> list[str]:
-        problems: list[str] = []
-        _positive(problems, p, img_size=self.img_size, patch_size=self.patch_size, width=self.width,
-                  depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio)
-        if self.width > 0 and self.num_heads > 0 and self.width % self.num_heads:
-            problems.append(f"{p}width {self.width} is not divisible by num_heads {self.num_heads}")
-        return problems
+        return _vit_problems(self, p)
 
 
 @dataclass

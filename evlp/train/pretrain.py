@@ -256,8 +256,7 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int | Non
         write_atomic(run_dir / CONFIG, config_text)
         write_json(run_dir / "env.json", _env_record(cfg))
     result = fit(task, cfg.optim, cfg.train, run_dir, resume=resume, stop_after=stop_after,
-                 files={CONFIG: config_text},
-                 progress=progress)
+                 files={CONFIG: config_text}, progress=progress)
     if is_main and cfg.data.val and result.checkpoint is not None and result.steps == result.total_steps:
         from evlp.eval.runner import RetrievalEvalConfig, evaluate_retrieval
 
