@@ -247,6 +247,7 @@ def fit(
             window[k].append(v.detach())
         if not accelerator.sync_gradients:
             continue
+        lr_used = scheduler.get_last_lr()[0]  # the LR of the step just taken
         scheduler.step()
         task.after_optimizer_step(accelerator.unwrap_model(module))
         step += 1
@@ -262,7 +263,7 @@ def fit(
             if not math.isfinite(last_metrics["loss"]):
                 raise TrainingDivergedError(f"the loss is {last_metrics['loss']} at step {step}; lower optim.lr, "
                                             "enable optim.grad_clip or check the data")
-            last_metrics.update(lr=scheduler.get_last_lr()[0], samples_per_s=window_samples / max(now - t_window, 1e-9))
+            last_metrics.update(lr=lr_used, samples_per_s=window_samples / max(now - t_window, 1e-9))
             window.clear()
             t_window, window_samples = now, 0
             if accelerator.is_main_process:

@@ -99,3 +99,17 @@ def test_resume_refuses_a_different_model(synth_data: Path, tmp_path: Path) -> N
     assert res.returncode == 2 and "model.image" in res.stderr
     empty = run_cli("pretrain", "--config", "tiny", "--out", str(tmp_path / "fresh"), "--resume")
     assert empty.returncode == 2 and "no complete checkpoint" in empty.stderr
+
+
+def test_accumulation_bf16_and_clipping(synth_data: Path, tmp_path: Path) -> None:
+    """2 optimizer steps of 2 micro-batches each under bf16 autocast with gradient clipping."""
+    run = tmp_path / "acc"
+    _pretrain(synth_data, run, "train.batch_size=8", "train.max_steps=2", "train.grad_accum=2",
+              "train.precision=bf16", "optim.grad_clip=1.0", "data.val=null")
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["samples"] for x in lines] == [16, 32]  # global batch = 8 x 2 micro-batches
+    assert lines[0]["lr"] > 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["precision"] == "bf16" and summary["steps"] == 2 and summary["eval"] is None
+    state = json.loads((latest_checkpoint(run) / "data_state_rank0.json").read_text())["stream"]
+    assert state["positions"]["0"] == [0, 32]  # 4 micro-batches of 8 consumed
