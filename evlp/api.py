@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evlp.checkpoint import CONFIG, TOKENIZER, find_checkpoint, load_student_state_dict
+from evlp.checkpoint import CONFIG, TEXT_CONFIG, TOKENIZER, find_checkpoint, load_student_state_dict, read_json
 from evlp.config.loader import from_dict, read_yaml
 from evlp.config.schema import ModelConfig
 from evlp.errors import CheckpointError
@@ -84,7 +84,7 @@ def load(path: str | os.PathLike[str], device: str | None = None) -> Encoder:
     data = raw.get("data") or {}
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    model = build_model(cfg)
+    model = build_model(cfg, text_config=read_json(ckpt / TEXT_CONFIG))
     state = load_student_state_dict(ckpt)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -93,7 +93,7 @@ def load(path: str | os.PathLike[str], device: str | None = None) -> Encoder:
             f"{len(unexpected)} unexpected (first: {unexpected[:3]})")
     model.eval().to(device)
     tok_dir = ckpt / TOKENIZER
-    tokenizer = CaptionTokenizer(load_tokenizer(str(tok_dir) if tok_dir.is_dir() else cfg.text.tokenizer),
+    tokenizer = CaptionTokenizer(load_tokenizer(str(tok_dir) if tok_dir.is_dir() else cfg.text.tokenizer_source),
                                  cfg.text.max_length, cfg.text.vocab_size)
     transform = eval_transform(cfg.image.img_size, mean=tuple(data.get("mean", IMAGENET_MEAN)),
                                std=tuple(data.get("std", IMAGENET_STD)))

@@ -8,12 +8,13 @@ Layout written by training (``evlp pretrain --out RUN``)::
     RUN/checkpoints/latest          name of the newest complete checkpoint (replaced atomically)
     RUN/checkpoints/step_00001000/  one checkpoint, renamed into place only once complete:
         model.safetensors           weights of the training module (student under ``student.``)
-        config.yaml  tokenizer/     what evaluation needs
+        config.yaml  tokenizer/     what evaluation needs (with text_config.json: the text tower's
+        text_config.json            HF architecture, so nothing is downloaded to rebuild it)
         optimizer.bin random_states_*.pkl scheduler.pt trainer_state.json task_state.safetensors
         data_state_rank*.json       what exact resume needs
 
 An exported model folder (``evlp export``) holds only ``model.safetensors`` (student keys, no prefix),
-``config.yaml`` and ``tokenizer/``. Everything here reads both.
+``config.yaml``, ``text_config.json`` and ``tokenizer/``. Everything here reads both.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ LATEST = "latest"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer"
+TEXT_CONFIG = "text_config.json"
 TRAINER_STATE = "trainer_state.json"
 STUDENT_PREFIX = "student."
 
@@ -146,3 +148,35 @@ def load_student_state_dict(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
     if any(k.startswith(STUDENT_PREFIX) for k in state):
         state = {k[len(STUDENT_PREFIX):]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
     return state
+
+
+def export_model(ckpt: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """Write a standalone model folder: student weights (no optimizer, teacher or training-only state),
+    the run's config, the text tower's HF config and the tokenizer. :func:`evlp.load` reads it.
+
+    The folder is assembled under a temporary name and renamed into place.
+
+    Raises:
+        CheckpointError: ``ckpt`` is not loadable, or ``out`` exists and is not empty.
+    """
+    from safetensors.torch import save_file
+
+    src = find_checkpoint(ckpt)
+    dest = Path(out)
+    if dest.exists() and any(dest.iterdir()):
+        raise CheckpointError(f"export folder {dest} exists and is not empty; choose a new --out")
+    state = {k: v.contiguous() for k, v in load_student_state_dict(src).items()}
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "source": str(src)})
+    shutil.copy2(src / CONFIG, tmp / CONFIG)
+    for name in (TEXT_CONFIG,):
+        if (src / name).is_file():
+            shutil.copy2(src / name, tmp / name)
+    if (src / TOKENIZER).is_dir():
+        shutil.copytree(src / TOKENIZER, tmp / TOKENIZER)
+    if dest.exists():
+        dest.rmdir()
+    os.replace(tmp, dest)
+    return dest

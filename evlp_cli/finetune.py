@@ -15,7 +15,9 @@ _CKPT = typer.Option(None, "--ckpt", help="Run folder, checkpoint or exported mo
 
 
 @app.command("imagenet")
-def imagenet(ckpt: Optional[Path] = _CKPT, linear: bool = typer.Option(False, "--linear", help="Linear probe.")) -> None:
+def imagenet(
+    ckpt: Optional[Path] = _CKPT, linear: bool = typer.Option(False, "--linear", help="Linear probe.")
+) -> None:
     """ImageNet-1k fine-tuning or linear probe of the image tower."""
     not_available("finetune imagenet", "the downstream issue (#5)")
 
@@ -27,6 +29,8 @@ def glue(ckpt: Optional[Path] = _CKPT, task: str = typer.Option("all", "--task",
 
 
 @app.command("retrieval")
-def retrieval(ckpt: Optional[Path] = _CKPT, data: str = typer.Option("coco", "--data", help="coco or flickr30k.")) -> None:
+def retrieval(
+    ckpt: Optional[Path] = _CKPT, data: str = typer.Option("coco", "--data", help="coco or flickr30k.")
+) -> None:
     """COCO / Flickr30K retrieval fine-tuning."""
     not_available("finetune retrieval", "the downstream issue (#5)")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from evlp_cli._common import complete_models, not_available
+from evlp_cli._common import complete_models
 
 app = typer.Typer(help="List models and show their parameter counts.", no_args_is_help=True)
 
@@ -38,8 +38,13 @@ def info(
 
 
 def export(
-    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Run folder or checkpoint."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Export folder."),
+    ckpt: Path = typer.Option(..., "--ckpt", help="Run folder (its latest checkpoint) or checkpoint."),
+    out: Path = typer.Option(..., "--out", "-o", help="Export folder (new or empty)."),
 ) -> None:
-    """Write a standalone model folder (safetensors + config + tokenizer) for `evlp.load`."""
-    not_available("export", "the backbone issue (#3)")
+    """Write a standalone model folder (safetensors + config + tokenizer) that `evlp.load` reads."""
+    from evlp.checkpoint import export_model
+    from evlp_cli import _render
+
+    dest = export_model(ckpt, out)
+    _render.info(f"exported to {dest}")
+    _render.out.print(str(dest), highlight=False)

@@ -13,16 +13,27 @@ from evlp_cli._common import complete_recipes
 
 def pretrain(
     config: Optional[str] = typer.Option(
-        None, "--config", "-c", autocompletion=complete_recipes,
-        help="Recipe name (s_smke, tiny ...) or YAML path. Default: s_smke, or the run's own config with --resume."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data root holding the training shards (data.root)."),
+        None,
+        "--config",
+        "-c",
+        autocompletion=complete_recipes,
+        help="Recipe name (s_smke, tiny ...) or YAML path. Default: s_smke, or the run's own config with --resume.",
+    ),
+    data: Optional[Path] = typer.Option(
+        None, "--data", "-d", help="Data root holding the training shards (data.root)."
+    ),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (out)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
     stop_after: Optional[int] = typer.Option(
-        None, "--stop-after", min=1, help="End after this many steps (checkpointed), keeping the full schedule; "
-        "continue later with --resume (e.g. for cluster time limits)."),
-    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
-                                                    help="Config overrides, e.g. train.batch_size=128 optim.lr=5e-5."),
+        None,
+        "--stop-after",
+        min=1,
+        help="End after this many steps (checkpointed), keeping the full schedule; "
+        "continue later with --resume (e.g. for cluster time limits).",
+    ),
+    overrides: Optional[list[str]] = typer.Argument(
+        None, metavar="[KEY=VALUE]...", help="Config overrides, e.g. train.batch_size=128 optim.lr=5e-5."
+    ),
 ) -> None:
     """Pretrain S-SMKE (1 CPU to N GPUs; launch with `accelerate launch -m evlp_cli.main pretrain ...` for several)."""
     from evlp.checkpoint import CONFIG
@@ -42,8 +53,9 @@ def pretrain(
     from evlp.train.pretrain import pretrain as run_pretrain
 
     is_main = int(os.environ.get("RANK", "0")) == 0
-    result = run_pretrain(cfg, resume=resume, stop_after=stop_after,
-                          progress=_render.RichProgress() if is_main else None)
+    result = run_pretrain(
+        cfg, resume=resume, stop_after=stop_after, progress=_render.RichProgress() if is_main else None
+    )
     if is_main:
         _render.run_summary(result)
         if result.eval is not None:

@@ -14,11 +14,11 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "s_smke": {},
     # A tiny S-SMKE for tests and the quickstart: width 64, 2+2 layers, 64 px, a small vocabulary.
     "s_smke_tiny": {
-        "text": {"tokenizer": "tiny", "num_layers": 2, "hidden_size": 64, "num_heads": 4,
+        "text": {"name_or_path": None, "tokenizer": "tiny", "num_layers": 2, "hidden_size": 64, "num_heads": 4,
                  "intermediate_size": 256, "vocab_size": 512, "max_position": 64, "max_length": 24},
-        "image": {"img_size": 64, "patch_size": 8, "width": 64, "depth": 2, "num_heads": 4},
+        "image": {"checkpoint": None, "img_size": 64, "patch_size": 8, "width": 64, "depth": 2, "num_heads": 4},
         "shared": {"width": 64, "num_heads": 4},
-        "teacher": {"img_size": 64, "patch_size": 8, "width": 64, "depth": 2, "num_heads": 4},
+        "teacher": {"checkpoint": None, "img_size": 64, "patch_size": 8, "width": 64, "depth": 2, "num_heads": 4},
     },
 }
 

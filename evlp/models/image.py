@@ -8,6 +8,8 @@ VisionTransformer so the Data2Vec2 converter maps onto them directly.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from timm.layers import PatchEmbed
 from torch import Tensor, nn
@@ -44,3 +46,80 @@ class Data2Vec2ImageTower(nn.Module):
         x = self.patch_embed(pixels) + self.pos_embed  # (B, N, D)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
         return self.blocks(self.norm_pre(x))
+
+
+class TimmImageTower(nn.Module):
+    """Any timm model as a token encoder: ``forward(pixels) -> tokens (B, 1 + N, width)``, first token
+    a summary. ViT-like models give their tokens (CLS first; a mean token is prepended when they have no
+    class token); CNN feature maps are flattened into tokens with their average prepended.
+
+    Args:
+        name: timm model name.
+        img_size: input resolution (passed to models that take one).
+        pretrained: use timm's pretrained weights (hub download; fails clearly offline).
+    """
+
+    def __init__(self, name: str, img_size: int, pretrained: bool = False) -> None:
+        super().__init__()
+        self.model = create_timm_model(name, img_size, pretrained)
+        self.width = int(self.model.num_features)
+        self.has_cls = int(getattr(self.model, "num_prefix_tokens", 0)) > 0 and \
+            getattr(self.model, "cls_token", None) is not None
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        f = self.model.forward_features(pixels)
+        if f.ndim == 4:
+            if f.shape[1] == self.width and f.shape[-1] != self.width:
+                f = f.flatten(2).transpose(1, 2)  # NCHW -> (B, HW, C)
+            else:
+                f = f.flatten(1, 2)  # NHWC -> (B, HW, C)
+            return torch.cat([f.mean(dim=1, keepdim=True), f], dim=1)
+        if f.ndim != 3:
+            raise ValueError(f"timm model {type(self.model).__name__} gave features of shape {tuple(f.shape)}")
+        return f if self.has_cls else torch.cat([f.mean(dim=1, keepdim=True), f], dim=1)
+
+
+def create_timm_model(name: str, img_size: int, pretrained: bool = False) -> nn.Module:
+    """``timm.create_model(name, num_classes=0)`` at ``img_size`` where the model takes one.
+
+    Raises:
+        UnknownNameError: timm has no such model.
+        DataNotFoundError: pretrained weights that cannot be fetched (offline).
+    """
+    import timm
+
+    from evlp.errors import DataNotFoundError, UnknownNameError
+    from evlp.registry import did_you_mean
+
+    if not timm.is_model(name):
+        raise UnknownNameError(f"timm has no model '{name}'{did_you_mean(name, timm.list_models())}; "
+                               "list them with `python -c \"import timm; print(timm.list_models('vit*'))\"`")
+    try:
+        try:
+            return timm.create_model(name, pretrained=pretrained, num_classes=0, img_size=img_size)
+        except TypeError:  # CNNs take no img_size
+            return timm.create_model(name, pretrained=pretrained, num_classes=0)
+    except (OSError, RuntimeError, ValueError) as exc:
+        if not pretrained:
+            raise
+        raise DataNotFoundError(f"timm's pretrained weights for '{name}' could not be fetched ({type(exc).__name__}); "
+                                "download them on a connected machine, or set the checkpoint to a local state-dict "
+                                "file") from None
+
+
+def build_image_tower(cfg: ImageTowerConfig, *, weights: Path | None = None, hub: bool = False) -> nn.Module:
+    """The image tower of ``cfg``: ``data2vec2`` or a timm model, with weights from ``weights`` (a local
+    file in the original layout) or timm's hub (``hub``); random init otherwise."""
+    if cfg.name == "data2vec2":
+        tower = Data2Vec2ImageTower(cfg)
+        if weights is not None:
+            from evlp.models.convert import load_data2vec2_image
+
+            load_data2vec2_image(tower, weights, cfg.depth)
+        return tower
+    tower = TimmImageTower(cfg.name, cfg.img_size, pretrained=hub)
+    if weights is not None:
+        from evlp.models.convert import load_timm_weights
+
+        load_timm_weights(tower.model, weights)
+    return tower

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from evlp.config.schema import ModelConfig
 from evlp.models.blocks import LN_EPS, SharedBlock, init_fresh_weights
-from evlp.models.image import Data2Vec2ImageTower
-from evlp.models.text import TextTower
+from evlp.models.image import build_image_tower
+from evlp.models.text import build_text_tower
 
 TEXT, IMAGE = 0, 1
 """Token-type indices: 0 = text, 1 = image."""
@@ -27,15 +27,17 @@ class SSMKE(nn.Module):
       - ``kd``: ``head(fc_norm(x_cls))`` (B, target_dim), un-normalised -- the KD output.
 
     Args:
-        cfg: the model config (tower sizes, shared block, inits).
+        cfg: the model config (shared block, inits, KD head width).
+        text: the text tower (``.width`` attribute); default: a random-init BERT of ``cfg.text``'s sizes.
+        image: the image tower (``.width`` attribute); default: a random-init tower of ``cfg.image``.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, text: nn.Module | None = None, image: nn.Module | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         d = cfg.shared.width
-        self.text = TextTower(cfg.text)
-        self.image = Data2Vec2ImageTower(cfg.image)
+        self.text = text if text is not None else build_text_tower(cfg.text)
+        self.image = image if image is not None else build_image_tower(cfg.image)
         # Projections exist only when a tower's width differs from the shared width.
         self.text_proj = nn.Linear(self.text.width, d) if self.text.width != d else nn.Identity()
         self.image_proj = nn.Linear(self.image.width, d) if self.image.width != d else nn.Identity()

@@ -1,8 +1,9 @@
-"""The frozen BEiTv2-layout teacher whose un-normalised CLS feature is the KD target."""
+"""The frozen teacher whose image feature is the KD target: BEiTv2's layout or any timm model."""
 
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -29,11 +30,18 @@ def build_beit(cfg: TeacherConfig) -> nn.Module:
 
 class FrozenTeacher(nn.Module):
     """Wraps a teacher so that it has no trainable parameters and stays in eval mode whatever
-    ``.train()`` calls a trainer makes (the reference relied on a Lightning version for this)."""
+    ``.train()`` calls a trainer makes (the reference relied on a Lightning version for this).
 
-    def __init__(self, model: nn.Module) -> None:
+    Args:
+        model: the teacher network.
+        target: ``cls`` (first token of ``forward_features``: BEiTv2) or ``pooled`` (timm's pre-logits feature).
+    """
+
+    def __init__(self, model: nn.Module, target: str = "cls") -> None:
         super().__init__()
         self.model = model
+        self.target = target
+        self.width = int(getattr(model, "num_features", 0) or model.embed_dim)
         self.model.requires_grad_(False)
         super().train(False)
 
@@ -42,10 +50,28 @@ class FrozenTeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixels: Tensor) -> Tensor:
-        """``pixels`` (B, 3, H, W) -> CLS target (B, width), no grad."""
-        return self.model.forward_features(pixels)[:, 0]
+        """``pixels`` (B, 3, H, W) -> target (B, width), no grad."""
+        features = self.model.forward_features(pixels)
+        if self.target == "cls":
+            return features[:, 0]
+        return self.model.forward_head(features, pre_logits=True)
 
 
-def build_teacher(cfg: TeacherConfig) -> FrozenTeacher:
-    """The frozen teacher of ``cfg`` (random init; pretrained weights come from the checkpoint loaders)."""
-    return FrozenTeacher(build_beit(cfg))
+def build_teacher(cfg: TeacherConfig, *, weights: Path | None = None, hub: bool = False) -> FrozenTeacher:
+    """The frozen teacher of ``cfg`` with weights from ``weights`` (a local file in the original layout) or
+    timm's hub (``hub``); random init otherwise."""
+    if cfg.name == "beitv2":
+        model = build_beit(cfg)
+        if weights is not None:
+            from evlp.models.convert import load_beitv2_teacher
+
+            load_beitv2_teacher(model, weights)
+        return FrozenTeacher(model, "cls")
+    from evlp.models.image import create_timm_model
+
+    model = create_timm_model(cfg.name, cfg.img_size, pretrained=hub)
+    if weights is not None:
+        from evlp.models.convert import load_timm_weights
+
+        load_timm_weights(model, weights)
+    return FrozenTeacher(model, "pooled")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evlp.checkpoint import CONFIG, TOKENIZER, latest_checkpoint, write_json
+from evlp.checkpoint import CONFIG, TEXT_CONFIG, TOKENIZER, latest_checkpoint, read_json, write_json
 from evlp.config.loader import dump_yaml, from_dict, read_yaml, to_dict, write_atomic
 from evlp.config.schema import PretrainConfig
 from evlp.data.shards import ShardStream, StreamTracker, count_samples, expand_shards
@@ -24,7 +25,7 @@ from evlp.data.transforms import load_rgb, pretrain_transforms
 from evlp.dist import DistInfo
 from evlp.errors import ConfigError
 from evlp.losses import MemoryBank, clip_loss, kd_loss, total_loss, update_bank
-from evlp.models import build_model, build_teacher
+from evlp.models import build_model, build_teacher_of, resolve_model_config, resolve_weights
 from evlp.train.loop import RunResult, fit
 from evlp.train.task import Progress
 
@@ -87,11 +88,12 @@ class PretrainTask:
 
     name = "pretrain"
 
-    def __init__(self, cfg: PretrainConfig) -> None:
+    def __init__(self, cfg: PretrainConfig, resume_from: Path | None = None) -> None:
         self.cfg = cfg
+        self.resume_from = resume_from
         self.shards = expand_shards(cfg.data.root, cfg.data.train)
         text = cfg.model.text
-        self.tokenizer = build_caption_tokenizer(text.tokenizer, text.max_length, text.vocab_size)
+        self.tokenizer = build_caption_tokenizer(text.tokenizer_source, text.max_length, text.vocab_size)
         self.train_transform, _ = pretrain_transforms(cfg.data, cfg.model.image.img_size)
         self._samples = cfg.data.samples_per_epoch or count_samples(self.shards)
         if self._samples < cfg.train.batch_size:
@@ -106,10 +108,14 @@ class PretrainTask:
 
     # ------------------------------------------------------------------ model and state
     def build_module(self) -> nn.Module:
-        cfg = self.cfg
-        student = build_model(cfg.model)
+        cfg, models = self.cfg, self.cfg.paths.models
+        if self.resume_from is not None:  # the student's weights come from the checkpoint
+            student = build_model(cfg.model, text_config=read_json(self.resume_from / TEXT_CONFIG))
+        else:
+            student = build_model(cfg.model, pretrained=True, models_dir=models)
+        self.text_config = student.text.hf_config()
         if self.use_kd:
-            self.teacher = build_teacher(cfg.model.teacher)
+            self.teacher = build_teacher_of(cfg.model, pretrained=True, models_dir=models)
             self.bank = MemoryBank(cfg.loss.memory_bank_size, cfg.model.target_dim)
         return PretrainModule(student, cfg.loss.kd_temperature, cfg.loss.kd_learnable_temperature)
 
@@ -134,6 +140,7 @@ class PretrainTask:
 
     def save_artifacts(self, folder: Path) -> None:
         self.tokenizer.save(folder / TOKENIZER)
+        write_json(folder / TEXT_CONFIG, self.text_config)
 
     # ------------------------------------------------------------------ data
     def samples_per_epoch(self) -> int:
@@ -247,8 +254,14 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int | Non
         DataNotFoundError: no training shards.
     """
     run_dir = Path(cfg.out)
+    cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model))
     _check_resume(cfg, run_dir, resume)
-    task = PretrainTask(cfg)
+    # fail before anything is written when a weights file is missing
+    if not resume:
+        resolve_weights(cfg.model.image.checkpoint, cfg.paths.models, "model.image")
+    if cfg.model.teacher.enabled and cfg.loss.kd_weight > 0:
+        resolve_weights(cfg.model.teacher.checkpoint, cfg.paths.models, "model.teacher")
+    task = PretrainTask(cfg, resume_from=latest_checkpoint(run_dir) if resume else None)
     config_text = dump_yaml(cfg)
     is_main = int(os.environ.get("RANK", "0")) == 0
     if is_main:

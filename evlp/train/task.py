@@ -51,7 +51,9 @@ class Task(Protocol):
         """Nominal number of training samples in one epoch (over all ranks)."""
         ...
 
-    def training_step(self, module: nn.Module, batch: dict[str, Any], dist: DistInfo) -> tuple[Tensor, dict[str, Tensor]]:
+    def training_step(
+        self, module: nn.Module, batch: dict[str, Any], dist: DistInfo
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss of one micro-batch and detached scalar metrics to log."""
         ...
 

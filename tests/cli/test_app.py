@@ -42,7 +42,7 @@ def test_help_and_version() -> None:
 @pytest.mark.parametrize("args", [
     ("finetune", "glue"), ("finetune", "imagenet"), ("finetune", "retrieval"), ("eval", "zeroshot"),
     ("sweep", "glue"), ("sweep", "retrieval"), ("sweep", "vision"), ("bench",), ("data", "download", "cc3m"),
-    ("data", "info"), ("data", "verify"), ("export",),
+    ("data", "info"), ("data", "verify"),
 ])
 def test_later_commands_exit_2_with_a_clear_line(args: tuple[str, ...]) -> None:
     res = run_cli(*args)

@@ -20,12 +20,15 @@ def test_checked_in_scripts_match_the_generator(tmp_path: Path) -> None:
     gen = _gen()
     gen.main(tmp_path)
     for name in gen.SHELLS.values():
-        assert (tmp_path / name).read_text() == (REPO / "completions" / name).read_text(), \
+        assert (tmp_path / name).read_text() == (REPO / "completions" / name).read_text(), (
             f"completions/{name} is stale: run python scripts/gen_completions.py"
+        )
 
 
 def test_generated_scripts_equal_show_completion() -> None:
-    res = run_cli("--show-completion", "bash", env=cli_env(SHELL="/bin/bash", _TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1"))
+    res = run_cli(
+        "--show-completion", "bash", env=cli_env(SHELL="/bin/bash", _TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1")
+    )
     assert res.returncode == 0
     assert res.stdout.strip() == (REPO / "completions" / "evlp.bash").read_text().strip()
 

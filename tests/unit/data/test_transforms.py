@@ -8,7 +8,14 @@ import torch
 from PIL import Image
 
 from evlp.config import DataConfig
-from evlp.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_rgb, pretrain_transforms, train_transform
+from evlp.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    eval_transform,
+    load_rgb,
+    pretrain_transforms,
+    train_transform,
+)
 
 
 def _img(w: int, h: int, seed: int = 0) -> Image.Image:
@@ -21,8 +28,9 @@ def test_eval_is_an_aspect_squashing_bicubic_resize() -> None:
     got = eval_transform(32)(img)
     assert got.shape == (3, 32, 32)
     ref = np.asarray(img.resize((32, 32), Image.BICUBIC), dtype=np.float32) / 255.0  # (H, W, 3)
-    ref = (torch.from_numpy(ref).permute(2, 0, 1) - torch.tensor(IMAGENET_MEAN)[:, None, None]) / \
-        torch.tensor(IMAGENET_STD)[:, None, None]
+    ref = (torch.from_numpy(ref).permute(2, 0, 1) - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(
+        IMAGENET_STD
+    )[:, None, None]
     # torchvision's bicubic on PIL images is PIL's bicubic: identical up to float rounding
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 

@@ -35,7 +35,9 @@ def _brute_force(image: list[list[float]], text: list[list[float]], scale: float
     return (loss_i2t + loss_t2i) / 2, acc_i2t, acc_t2i
 
 
-@pytest.mark.parametrize(("b", "d", "scale", "seed"), [(1, 3, 1.0, 0), (3, 4, 2.5, 1), (5, 6, 14.29, 2), (4, 2, 100.0, 3)])
+@pytest.mark.parametrize(
+    ("b", "d", "scale", "seed"), [(1, 3, 1.0, 0), (3, 4, 2.5, 1), (5, 6, 14.29, 2), (4, 2, 100.0, 3)]
+)
 def test_matches_brute_force(b: int, d: int, scale: float, seed: int) -> None:
     image, text = _features(b, d, seed)
     out = clip_loss(image, text, torch.tensor(scale, dtype=torch.float64))

@@ -23,7 +23,11 @@ def _unit(row: list[float]) -> list[float]:
 
 
 def _brute_force_kd(
-    s_img: list[list[float]], s_txt: list[list[float]], targets: list[list[float]], negatives: list[list[float]], scale: float
+    s_img: list[list[float]],
+    s_txt: list[list[float]],
+    targets: list[list[float]],
+    negatives: list[list[float]],
+    scale: float,
 ) -> dict[str, float]:
     """Per-row softmax CE over [own batch's targets + negatives], positives on the diagonal."""
     candidates = [_unit(t) for t in targets] + negatives
@@ -56,7 +60,9 @@ def _assert_matches(out: KDLossOutput, want: dict[str, float]) -> None:
         assert getattr(out, name).item() == pytest.approx(value, rel=tol, abs=1e-12), name
 
 
-@pytest.mark.parametrize(("b", "d", "m", "scale"), [(1, 3, 0, 1.0), (3, 4, 5, 1 / 0.07), (4, 6, 2, 3.0), (2, 2, 9, 20.0)])
+@pytest.mark.parametrize(
+    ("b", "d", "m", "scale"), [(1, 3, 0, 1.0), (3, 4, 5, 1 / 0.07), (4, 6, 2, 3.0), (2, 2, 9, 20.0)]
+)
 def test_matches_brute_force_with_bank_rows(b: int, d: int, m: int, scale: float) -> None:
     # raw (unnormalised) student and target features: kd_loss normalises them itself
     s_img, s_txt, targets = _randn(b, d, seed=1) * 3, _randn(b, d, seed=2) * 0.5, _randn(b, d, seed=3) * 7
