@@ -28,6 +28,10 @@ class Encoder:
     config: ModelConfig
     path: Path
     device: Any = "cpu"
+    text_config: dict[str, Any] | None = None
+    """The text tower's saved HF config (rebuilds its architecture)."""
+    run_config: dict[str, Any] | None = None
+    """The whole saved config of the run the weights come from."""
 
     def encode_image(self, images: Sequence[Any], batch_size: int = 64) -> Any:
         """PIL images (or already transformed (3, H, W) tensors) -> (N, D) float32 embeddings."""
@@ -84,7 +88,8 @@ def load(path: str | os.PathLike[str], device: str | None = None) -> Encoder:
     data = raw.get("data") or {}
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    model = build_model(cfg, text_config=read_json(ckpt / TEXT_CONFIG))
+    text_config = read_json(ckpt / TEXT_CONFIG)
+    model = build_model(cfg, text_config=text_config)
     state = load_student_state_dict(ckpt)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -97,4 +102,5 @@ def load(path: str | os.PathLike[str], device: str | None = None) -> Encoder:
                                  cfg.text.max_length, cfg.text.vocab_size)
     transform = eval_transform(cfg.image.img_size, mean=tuple(data.get("mean", IMAGENET_MEAN)),
                                std=tuple(data.get("std", IMAGENET_STD)))
-    return Encoder(model=model, tokenizer=tokenizer, transform=transform, config=cfg, path=ckpt, device=device)
+    return Encoder(model=model, tokenizer=tokenizer, transform=transform, config=cfg, path=ckpt, device=device,
+                   text_config=text_config, run_config=raw)

@@ -30,6 +30,7 @@ from evlp.errors import CheckpointError
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
+BEST = "best"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer"
@@ -78,19 +79,36 @@ def mark_latest(run_dir: str | os.PathLike[str], name: str) -> None:
     write_atomic(Path(run_dir) / CKPT_DIR / LATEST, name + "\n")
 
 
+def best_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The checkpoint with the best validation metric (``RUN/checkpoints/best``), or None."""
+    pointer = Path(run_dir) / CKPT_DIR / BEST
+    if pointer.is_file():
+        candidate = pointer.parent / pointer.read_text(encoding="utf-8").strip()
+        if (candidate / TRAINER_STATE).is_file():
+            return candidate
+    return None
+
+
+def mark_best(run_dir: str | os.PathLike[str], name: str) -> None:
+    """Point ``RUN/checkpoints/best`` at checkpoint ``name`` (atomic replace)."""
+    write_atomic(Path(run_dir) / CKPT_DIR / BEST, name + "\n")
+
+
 def prune_checkpoints(run_dir: str | os.PathLike[str], keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints (0 keeps all); returns what was deleted."""
+    """Delete all but the newest ``keep`` checkpoints (0 keeps all) and the best one; returns what was deleted."""
     found = list_checkpoints(run_dir)
     if keep <= 0 or len(found) <= keep:
         return []
-    doomed = found[:-keep]
+    best = best_checkpoint(run_dir)
+    doomed = [p for p in found[:-keep] if best is None or p.name != best.name]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
 
 
 def find_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """Resolve ``--ckpt``: a run folder (-> its latest checkpoint), a checkpoint or an exported model.
+    """Resolve ``--ckpt``: a run folder (-> its best checkpoint if it validated, else its latest), a
+    checkpoint or an exported model.
 
     Raises:
         CheckpointError: nothing loadable is there.
@@ -102,7 +120,7 @@ def find_checkpoint(path: str | os.PathLike[str]) -> Path:
     if (p / WEIGHTS).is_file() and (p / CONFIG).is_file():
         return p
     if (p / CKPT_DIR).is_dir():
-        latest = latest_checkpoint(p)
+        latest = best_checkpoint(p) or latest_checkpoint(p)
         if latest is not None:
             return latest
         raise CheckpointError(f"run {p} has no complete checkpoint yet; resume it with "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -133,3 +134,20 @@ def gather_no_grad(x: Tensor, world_size: int) -> Tensor:
         return x.detach()
     _check_group(world_size, "gather_no_grad")
     return _all_gather_cat(x.detach(), world_size)
+
+
+def shard_range(n: int, rank: int, world_size: int) -> range:
+    """The indices of ``range(n)`` that ``rank`` evaluates: a contiguous block, sizes differing by at most 1."""
+    per, extra = divmod(n, world_size)
+    start = rank * per + min(rank, extra)
+    return range(start, start + per + (1 if rank < extra else 0))
+
+
+def gather_objects(obj: Any, world_size: int) -> list[Any]:
+    """Every rank's ``obj`` in rank order (picklable objects, e.g. per-rank predictions); ``[obj]`` for 1."""
+    if world_size == 1:
+        return [obj]
+    _check_group(world_size, "gather_objects")
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out

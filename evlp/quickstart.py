@@ -21,7 +21,7 @@ class QuickstartResult:
 
     out: Path
     run_dir: Path
-    retrieval: Any  # evlp.eval.runner.RetrievalResult
+    retrieval: Any  # evlp.eval.results.EvalResult
     mean_r1: float
     chance_r1: float
     seconds: float
@@ -61,5 +61,5 @@ def run_quickstart(out: str | os.PathLike[str], *, seed: int = 0, progress: Any 
                                                            out=str(run_dir / "eval" / "retrieval.json")))
     m = retrieval.metrics
     return QuickstartResult(out=out, run_dir=run_dir, retrieval=retrieval, mean_r1=(m["tr1"] + m["ir1"]) / 2,
-                            chance_r1=100.0 / retrieval.n_images, seconds=time.perf_counter() - t0,
+                            chance_r1=100.0 / retrieval.details["n_images"], seconds=time.perf_counter() - t0,
                             trained=not finished)

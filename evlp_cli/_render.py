@@ -105,8 +105,8 @@ def run_summary(result: Any) -> None:
 def retrieval_table(result: Any) -> None:
     """TR/IR R@K table of a :class:`~evlp.eval.runner.RetrievalResult`."""
     m = result.metrics
-    t = Table(title=f"retrieval · {result.dataset} {result.split} · {result.n_images:,} images / "
-                    f"{result.n_texts:,} captions", title_justify="left")
+    t = Table(title=f"retrieval · {result.dataset} {result.split} · {result.details['n_images']:,} images / "
+                    f"{result.details['n_texts']:,} captions", title_justify="left")
     t.add_column("direction")
     for k in ("R@1", "R@5", "R@10"):
         t.add_column(k, justify="right")

@@ -42,3 +42,17 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "data"
     synthesize(out, n_train=512, n_test=40, seed=0, shard_size=256)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pretraining run folder of the tiny recipe (a few steps): the starting point of fine-tuning tests."""
+    from evlp.config import PretrainConfig, load_config
+    from evlp.train.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    cfg = load_config(PretrainConfig, "tiny", [f"data.root={synth_data}", f"out={out}", "train.max_steps=3",
+                                               "train.batch_size=16", "data.num_workers=0", "data.val=null",
+                                               "loss.memory_bank_size=32"])
+    pretrain(cfg)
+    return out

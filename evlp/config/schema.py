@@ -251,6 +251,8 @@ class OptimConfig:
     lr: float = 1e-4
     lr_base_batch: int = 256
     """The peak LR is ``lr * global_batch / lr_base_batch`` (2e-4 for 2 GPUs x 256)."""
+    scale_lr: bool = True
+    """Apply the scaling rule above; false uses ``lr`` as the peak LR (the fine-tuning recipes)."""
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     weight_decay: float = 0.01
@@ -294,14 +296,16 @@ class TrainConfig:
     ckpt_every: int = 1000
     """Steps between checkpoints (a final one is always written)."""
     keep_checkpoints: int = 2
-    """How many step checkpoints to keep (0 = all)."""
+    """How many step checkpoints to keep (0 = all); the best one (by validation) is always kept."""
+    eval_every: int | None = None
+    """Steps between validations for tasks that validate (fine-tuning); ``None`` = once per epoch."""
     matmul_precision: Literal["highest", "high", "medium"] = "high"
 
     def validate(self, p: str = "train.") -> list[str]:
         problems: list[str] = []
         _positive(problems, p, batch_size=self.batch_size, grad_accum=self.grad_accum, epochs=self.epochs,
                   max_steps=self.max_steps, log_every=self.log_every,
-                  ckpt_every=self.ckpt_every)
+                  ckpt_every=self.ckpt_every, eval_every=self.eval_every)
         if self.keep_checkpoints < 0:
             problems.append(f"{p}keep_checkpoints: must be >= 0, got {self.keep_checkpoints}")
         return problems

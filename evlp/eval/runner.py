@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evlp.checkpoint import write_json
+from evlp.eval.results import EvalResult, checkpoint_config_hash
 
 
 @dataclass
@@ -25,27 +25,6 @@ class RetrievalEvalConfig:
     batch_size: int = 128
     num_workers: int = 2
     device: str | None = None
-
-
-@dataclass
-class RetrievalResult:
-    """Karpathy-protocol retrieval scores (percent) of one checkpoint on one split."""
-
-    dataset: str
-    split: str
-    checkpoint: str
-    n_images: int
-    n_texts: int
-    metrics: dict[str, float]
-    seconds: float = 0.0
-    protocol: dict[str, Any] = field(default_factory=dict)
-    path: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """The result file's content (``task`` first, as every evlp result)."""
-        d = asdict(self)
-        d.pop("path")
-        return {"task": "retrieval", **d}
 
 
 class _ImageFiles:
@@ -74,7 +53,7 @@ def embed_index(encoder: Any, index: Any, batch_size: int = 128, num_workers: in
     return images, texts
 
 
-def evaluate_retrieval(cfg: RetrievalEvalConfig, encoder: Any = None) -> RetrievalResult:
+def evaluate_retrieval(cfg: RetrievalEvalConfig, encoder: Any = None) -> EvalResult:
     """Image-text retrieval on a Karpathy-style split: TR@1/5/10, IR@1/5/10, RSUM and their mean.
 
     Args:
@@ -94,19 +73,19 @@ def evaluate_retrieval(cfg: RetrievalEvalConfig, encoder: Any = None) -> Retriev
     encoder = encoder or load(cfg.ckpt, device=cfg.device)
     images, texts = embed_index(encoder, index, cfg.batch_size, cfg.num_workers)
     metrics = {k: round(v, 4) for k, v in retrieval_metrics(images @ texts.T, index.text_to_image).items()}
-    result = RetrievalResult(
-        dataset=index.dataset, split=index.split, checkpoint=str(find_checkpoint(cfg.ckpt)),
-        n_images=len(index.image_paths), n_texts=len(index.texts), metrics=metrics,
-        seconds=time.perf_counter() - t0,
+    ckpt = find_checkpoint(cfg.ckpt)
+    result = EvalResult(
+        task="retrieval", dataset=index.dataset, split=index.split, checkpoint=str(ckpt), metrics=metrics,
+        details={"n_images": len(index.image_paths), "n_texts": len(index.texts)},
+        seconds=time.perf_counter() - t0, config_hash=checkpoint_config_hash(ckpt),
         protocol={"index": str(index.source), "image_size": encoder.config.image.img_size,
                   "resize": "squash, bicubic", "embedding": "shared-block CLS (x)", "images_encoded_once": True},
     )
-    out = Path(cfg.out) if cfg.out else _default_out(Path(result.checkpoint), index.dataset, index.split)
-    write_json(out, result.to_json())
-    result.path = str(out)
+    result.write(Path(cfg.out) if cfg.out else default_result_path(ckpt, "retrieval", index.dataset, index.split))
     return result
 
 
-def _default_out(ckpt: Path, dataset: str, split: str) -> Path:
+def default_result_path(ckpt: Path, task: str, dataset: str, split: str) -> Path:
+    """``<run>/eval/<task>_<dataset>_<split>.json`` (the run of a checkpoint, or the export folder itself)."""
     run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
-    return run / "eval" / f"retrieval_{dataset}_{split}.json"
+    return run / "eval" / f"{task}_{dataset}_{split}.json"

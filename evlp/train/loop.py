@@ -17,8 +17,10 @@ from evlp.checkpoint import (
     CKPT_DIR,
     TRAINER_STATE,
     append_jsonl,
+    best_checkpoint,
     checkpoint_name,
     latest_checkpoint,
+    mark_best,
     mark_latest,
     prune_checkpoints,
     read_json,
@@ -54,10 +56,14 @@ class RunResult:
     precision: str
     peak_lr: float
     metrics: dict[str, float] = field(default_factory=dict)
+    best_metric: float | None = None
+    """The task's monitored validation metric at its best (tasks that validate)."""
+    best_checkpoint: Path | None = None
+    validations: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int | None = None
     skipped_samples: int = 0
     eval: Any = None
-    """A :class:`~evlp.eval.runner.RetrievalResult` when the run evaluated itself."""
+    """An :class:`~evlp.eval.results.EvalResult` when the run evaluated itself."""
 
 
 def resolve_precision(precision: str) -> str:
@@ -195,12 +201,19 @@ def fit(
     steps_per_epoch = max(1, task.samples_per_epoch() // global_batch)
     total = train.max_steps or train.epochs * steps_per_epoch
     lr = peak_lr(optim, global_batch)
-    optimizer = build_optimizer(module, optim, lr)
+    groups = task.param_groups(module, optim) if callable(getattr(task, "param_groups", None)) else None
+    optimizer = build_optimizer(module, optim, lr, groups=groups)
     scheduler = build_scheduler(optimizer, optim, total)
     module, optimizer = accelerator.prepare(module, optimizer)
     ckpt = _Checkpointer(accelerator, task, run_dir, scheduler, train.keep_checkpoints, files or {})
 
     step, samples, elapsed, data_state, resumed_from = 0, 0, 0.0, None, None
+    best: float | None = None
+    validations: list[dict[str, float]] = []
+    monitor = getattr(task, "monitor", None)
+    maximize = getattr(task, "monitor_mode", "max") == "max"
+    validates = callable(getattr(task, "evaluate", None))
+    eval_every = train.eval_every or steps_per_epoch
     if resume:
         latest = latest_checkpoint(run_dir)
         if latest is None:
@@ -208,7 +221,7 @@ def fit(
                                   "start it without --resume")
         state = ckpt.load(latest)
         step, samples, elapsed = state["step"], state["samples"], state.get("seconds", 0.0)
-        data_state, resumed_from = state["data_state"], step
+        data_state, resumed_from, best = state["data_state"], step, state.get("best_metric")
     else:
         set_seed(train.seed + dist.rank)  # augmentation and dropout differ per rank
     if accelerator.is_main_process:
@@ -231,6 +244,11 @@ def fit(
     last_metrics: dict[str, float] = {}
     t_start, t_window, window_samples = time.perf_counter(), time.perf_counter(), 0
     last_saved = step if resume else -1
+    def trainer_state() -> dict[str, Any]:  # reads the loop's current values
+        return {"step": step, "samples": samples, "total_steps": total, "epoch": step / steps_per_epoch,
+                "seconds": elapsed + time.perf_counter() - t_start, "world_size": dist.world_size,
+                "global_batch": global_batch, "metrics": last_metrics, "best_metric": best, "monitor": monitor}
+
     stop = min(total, stop_after) if stop_after else total
     while step < stop:
         batch = _to_device(next(batches), accelerator.device)
@@ -274,11 +292,29 @@ def fit(
         elif progress is not None and accelerator.is_main_process:
             progress.update(step, {})
 
-        if step % train.ckpt_every == 0 or step == stop:
-            state = {"step": step, "samples": samples, "total_steps": total, "epoch": step / steps_per_epoch,
-                     "seconds": elapsed + time.perf_counter() - t_start, "world_size": dist.world_size,
-                     "global_batch": global_batch, "metrics": last_metrics}
-            ckpt.save(step, state)
+        if validates and (step % eval_every == 0 or step == total):
+            module.eval()
+            val = {k: float(v) for k, v in task.evaluate(accelerator.unwrap_model(module), dist).items()}
+            module.train()
+            validations.append({"step": step, **val})
+            improved = monitor is not None and monitor in val and (
+                best is None or (val[monitor] > best if maximize else val[monitor] < best))
+            if improved:
+                best = val[monitor]
+            if accelerator.is_main_process:
+                append_jsonl(run_dir / METRICS, {"step": step, **{f"val/{k}": v for k, v in val.items()}})
+                if progress is not None:
+                    shown = " · ".join(f"{k} {v:.4g}" for k, v in val.items())
+                    progress.message(f"step {step} validation: {shown}" + (" (best)" if improved else ""))
+            if improved:
+                saved = ckpt.save(step, trainer_state())
+                last_saved = step
+                if accelerator.is_main_process:
+                    mark_best(run_dir, saved.name)
+                accelerator.wait_for_everyone()
+
+        if (step % train.ckpt_every == 0 or step == stop) and last_saved != step:
+            ckpt.save(step, trainer_state())
             last_saved = step
 
     seconds = time.perf_counter() - t_start
@@ -291,5 +327,6 @@ def fit(
         run_dir=run_dir, checkpoint=final, steps=step, total_steps=total, samples=samples,
         seconds=elapsed + seconds, samples_per_s=trained * global_batch / max(seconds, 1e-9),
         world_size=dist.world_size, precision=precision, peak_lr=lr, metrics=last_metrics,
+        best_metric=best, best_checkpoint=best_checkpoint(run_dir), validations=validations,
         resumed_from=resumed_from, skipped_samples=getattr(task, "skipped_samples", 0),
     )

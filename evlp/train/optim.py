@@ -35,13 +35,19 @@ def param_groups(model: nn.Module, weight_decay: float,
 
 
 def peak_lr(cfg: OptimConfig, global_batch: int) -> float:
-    """``lr * global_batch / lr_base_batch``: 1e-4 x 512 / 256 = 2e-4 for the paper's 2 x 256."""
-    return cfg.lr * global_batch / cfg.lr_base_batch
+    """``lr * global_batch / lr_base_batch`` (1e-4 x 512 / 256 = 2e-4 for the paper's 2 x 256), or ``lr``
+    itself when ``scale_lr`` is off."""
+    return cfg.lr * global_batch / cfg.lr_base_batch if cfg.scale_lr else cfg.lr
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """AdamW over :func:`param_groups` at learning rate ``lr``."""
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float,
+                    groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """AdamW at peak learning rate ``lr`` over :func:`param_groups`, or over ``groups`` (a task's own, e.g.
+    layer-wise LR decay); a group's ``lr_scale`` multiplies ``lr`` for its parameters."""
+    groups = groups if groups is not None else param_groups(model, cfg.weight_decay)
+    for g in groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:

@@ -74,3 +74,13 @@ class Task(Protocol):
     def save_artifacts(self, folder: Path) -> None:
         """Write what evaluation needs besides weights (tokenizer ...) into a checkpoint folder."""
         ...
+
+    # Optional, for tasks that validate during training (fine-tuning):
+    #   monitor: str                     the metric that picks the best checkpoint
+    #   monitor_mode: "max" | "min"
+    #   def param_groups(self, module, optim_cfg) -> list[dict]
+    #       the optimizer's parameter groups (``params``, ``weight_decay``, optional ``lr_scale``), e.g. for
+    #       layer-wise LR decay; default: evlp.train.optim.param_groups
+    #   def evaluate(self, module, dist) -> dict[str, float]
+    #       run on every rank (each scores its share; gather before computing metrics); the loop logs
+    #       the result as val/<name>, keeps the best checkpoint (RUN/checkpoints/best) and never prunes it.

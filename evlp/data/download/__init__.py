@@ -1,0 +1,1 @@
+"""``evlp data download``: one module per source, shared HTTP, archive and manifest helpers."""

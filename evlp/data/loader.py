@@ -1,0 +1,81 @@
+"""Endless, resumable batches over a map-style dataset (ImageFolder, GLUE, ...) for fine-tuning tasks.
+
+Each epoch draws a seeded permutation (identical on every rank), splits it over ranks like
+``DistributedSampler`` with ``drop_last`` (every rank gets the same number of batches), and cuts it into
+batches. The position is (epoch, batches consumed), so a checkpoint resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from evlp.errors import ConfigError
+
+
+def rank_batches(n: int, *, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
+                 shuffle: bool = True) -> list[list[int]]:
+    """The index batches of ``rank`` in ``epoch`` (full batches only, the same count on every rank)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    per_rank = (n // world_size // batch_size) * batch_size
+    mine = order[rank::world_size][:per_rank]
+    return [mine[i:i + batch_size].tolist() for i in range(0, per_rank, batch_size)]
+
+
+class _Batches(torch.utils.data.Sampler):
+    def __init__(self, batches: list[list[int]]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class EpochBatches:
+    """Iterate batches of ``dataset`` forever; :meth:`state_dict` is the exact resume point.
+
+    Args:
+        dataset: a map-style dataset.
+        batch_size: per rank.
+        rank, world_size: this process's place.
+        seed: shuffling seed (the same on every rank).
+        collate_fn: list of samples -> batch dict.
+        num_workers: DataLoader workers.
+        resume: a previous :meth:`state_dict`.
+
+    Raises:
+        ConfigError: the dataset is too small for one batch per rank.
+    """
+
+    def __init__(self, dataset: Any, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 collate_fn: Callable[[list[Any]], Any] | None = None, num_workers: int = 0,
+                 resume: dict | None = None) -> None:
+        n = len(dataset)
+        if n // world_size < batch_size:
+            raise ConfigError(f"{n} examples give no full batch of {batch_size} on each of {world_size} "
+                              "process(es); lower train.batch_size")
+        self.dataset, self.batch_size, self.rank, self.world_size, self.seed = dataset, batch_size, rank, world_size, seed
+        self.collate_fn, self.num_workers = collate_fn, num_workers
+        self.epoch = int((resume or {}).get("epoch", 0))
+        self.batch = int((resume or {}).get("batch", 0))
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batch"}``: the next batch to produce."""
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            batches = rank_batches(len(self.dataset), batch_size=self.batch_size, rank=self.rank,
+                                   world_size=self.world_size, seed=self.seed, epoch=self.epoch)
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=_Batches(batches[self.batch:]), collate_fn=self.collate_fn,
+                num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+            for batch in loader:
+                self.batch += 1
+                yield batch
+            self.epoch, self.batch = self.epoch + 1, 0
