@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 from evlp.errors import NotAvailableError
+
+
+def is_main() -> bool:
+    """True unless this is a non-zero rank of a multi-process launch (only rank 0 renders)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def not_available(what: str, issue: str) -> None:
@@ -10,11 +17,18 @@ def not_available(what: str, issue: str) -> None:
     raise NotAvailableError(f"`evlp {what}` is not available yet in evlp; it arrives with {issue}")
 
 
-def complete_recipes(incomplete: str) -> list[str]:
-    """TAB completion of shipped recipe names (torch-free)."""
-    from evlp.config.recipes import list_recipes
+def recipe_completer(command: str | None = None):  # noqa: ANN201 - a Typer autocompletion callback
+    """TAB completion of the shipped recipe names of ``command`` (all commands when None); torch-free."""
 
-    return [r.name for r in list_recipes() if r.name.startswith(incomplete)]
+    def complete(incomplete: str) -> list[str]:
+        from evlp.config.recipes import list_recipes
+
+        return sorted({r.name for r in list_recipes(command) if r.name.startswith(incomplete)})
+
+    return complete
+
+
+complete_recipes = recipe_completer()
 
 
 def complete_models(incomplete: str) -> list[str]:

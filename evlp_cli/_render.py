@@ -166,3 +166,118 @@ def quickstart_summary(result: Any) -> None:
     retrieval_table(result.retrieval)
     out.print(f"mean R@1 {result.mean_r1:.2f}% = {result.mean_r1 / result.chance_r1:.0f}x chance "
               f"({result.chance_r1:.2f}%) · total {result.seconds:.0f} s", highlight=False)
+
+
+def result_table(result: Any) -> None:
+    """Any :class:`~evlp.eval.results.EvalResult`: its metrics, protocol and file."""
+    t = Table(title=f"{result.task} · {result.dataset} {result.split}", title_justify="left")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in result.metrics.items():
+        t.add_row(k, f"{v:.4g}")
+    out.print(t)
+    details = " · ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in result.details.items())
+    shown = " · ".join(f"{k}: {v}" for k, v in result.protocol.items() if isinstance(v, (str, int, float)))
+    out.print(f"[dim]{details}{' · ' if details else ''}{shown}[/]", highlight=False, soft_wrap=True)
+    if result.path:
+        out.print(f"written to {result.path}", highlight=False)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class StageProgress:
+    """A progress display fed with ``(stage, done, total)``: one bar per stage (downloads, extraction ...)."""
+
+    def __init__(self) -> None:
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=err, transient=False, disable=not err.is_terminal)
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> StageProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(stage, total=total)
+            if not err.is_terminal:
+                err.print(f"[dim]{stage}[/]", highlight=False, soft_wrap=True)
+        self.bar.update(self.tasks[stage], completed=done, total=total)
+
+
+class CountProgress(StageProgress):
+    """The same display fed with ``(done, total)`` for a single stage."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def __call__(self, done: int, total: int | None = None) -> None:  # type: ignore[override]
+        super().__call__(self.stage, done, total)
+
+
+def manifest_summary(manifest: Any, folder: Any) -> None:
+    """Counts and failures of a dataset folder's manifest."""
+    t = Table(title=f"{manifest.dataset} → {folder}", title_justify="left")
+    t.add_column("split / part")
+    t.add_column("counts")
+    for split, counts in manifest.counts.items():
+        shown = counts if not isinstance(counts, dict) else " · ".join(
+            f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in counts.items() if not isinstance(v, dict))
+        t.add_row(str(split), str(shown))
+    for reason, n in sorted(manifest.failures.items(), key=lambda kv: -kv[1]):
+        t.add_row(f"[red]failed: {reason}[/]", f"{n:,}")
+    out.print(t)
+
+
+def cc_summary(name: str, result: Any) -> None:
+    """The end-of-download table of a CC3M/CC12M run."""
+    t = Table(title=f"{name}: {result.shards} shards, {_size(result.bytes_on_disk)}", title_justify="left",
+              show_header=False)
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    t.add_row("attempted", f"{result.attempted:,}")
+    t.add_row("ok", f"{result.ok:,}")
+    for reason, n in sorted(result.failed.items(), key=lambda kv: -kv[1]):
+        t.add_row(f"failed: {reason}", f"{n:,}")
+    t.add_row("images/s", f"{result.images_per_s:,.1f}")
+    t.add_row("yield", f"{100 * result.yield_:.1f} %")
+    t.add_row("time", f"{result.seconds:,.0f} s")
+    out.print(t)
+    if result.stalled:
+        warn("the watchdog stopped a stalled tail; re-run the same command to finish the remaining shards")
+
+
+def data_info_table(root: Any, infos: list[Any]) -> None:
+    """What a data root holds."""
+    t = Table(title=f"data root {root}", title_justify="left")
+    for c in ("dataset", "layout", "splits", "size", "missing"):
+        t.add_column(c)
+    for i in infos:
+        splits = "\n".join(f"{s}: " + ", ".join(f"{k} {v:,}" for k, v in c.items()) for s, c in i.splits.items())
+        t.add_row(i.name, i.kind, splits or "-", _size(i.bytes), "\n".join(i.missing) or "-")
+    out.print(t if infos else f"nothing under {root} (evlp data download --out {root} ...)")
+
+
+def verify_table(reports: list[Any]) -> bool:
+    """Verification results; returns True when everything checked out."""
+    if not reports:
+        error("no dataset found to verify (point at a data root, e.g. the --out of evlp data download)")
+        return False
+    t = Table(title="verify", title_justify="left")
+    for c in ("dataset", "checked", "status", "problems"):
+        t.add_column(c)
+    for r in reports:
+        t.add_row(r.dataset, f"{r.checked:,}", "[green]ok[/]" if r.ok else "[red]problems[/]",
+                  "\n".join(r.problems) or "-")
+    out.print(t)
+    return all(r.ok for r in reports)

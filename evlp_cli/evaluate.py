@@ -7,7 +7,6 @@ from typing import Optional
 
 import typer
 
-from evlp_cli._common import not_available
 
 app = typer.Typer(help="Evaluate a checkpoint: COCO/Flickr retrieval R@K, ImageNet zero-shot.", no_args_is_help=True)
 
@@ -50,8 +49,25 @@ def retrieval(
 
 @app.command("zeroshot")
 def zeroshot(
-    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Run folder, checkpoint or exported model."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="ImageNet-1k val or an ImageFolder."),
+    ckpt: Path = typer.Option(..., "--ckpt", help="Run folder, checkpoint or exported model."),
+    data: Path = typer.Option(..., "--data", "-d", help="ImageNet (a data root, ROOT/imagenet or its val/) or any "
+                              "ImageFolder."),
+    split: str = typer.Option("val", "--split", help="Split folder of the ImageFolder."),
+    classes: Optional[Path] = typer.Option(None, "--classes", help="Class names: a file with one name per line "
+                                           "(sorted folder order), a JSON list or a JSON {folder: name} map."),
+    templates: Optional[Path] = typer.Option(None, "--templates", help="Prompt templates with {} (default: the 80 "
+                                             "OpenAI ImageNet templates)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="Result JSON (default: RUN/eval/zeroshot_<data>_<split>.json)."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1),
+    num_workers: int = typer.Option(2, "--num-workers", min=0),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
 ) -> None:
-    """ImageNet zero-shot top-1/top-5 with the 80 prompt templates."""
-    not_available("eval zeroshot", "the downstream issue (#5)")
+    """Zero-shot classification: class prototypes from prompt templates, top-1 / top-5."""
+    from evlp.eval.zeroshot import ZeroShotConfig, evaluate_zeroshot
+    from evlp_cli import _render
+
+    _render.result_table(evaluate_zeroshot(ZeroShotConfig(
+        ckpt=str(ckpt), data=str(data), split=split, classes=str(classes) if classes else None,
+        templates=str(templates) if templates else None, out=str(out) if out else None, batch_size=batch_size,
+        num_workers=num_workers, device=device)))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from evlp_cli._common import complete_recipes
+from evlp_cli._common import is_main, recipe_completer
 
 
 def pretrain(
@@ -16,7 +15,7 @@ def pretrain(
         None,
         "--config",
         "-c",
-        autocompletion=complete_recipes,
+        autocompletion=recipe_completer("pretrain"),
         help="Recipe name (s_smke, tiny ...) or YAML path. Default: s_smke, or the run's own config with --resume.",
     ),
     data: Optional[Path] = typer.Option(
@@ -52,11 +51,9 @@ def pretrain(
 
     from evlp.train.pretrain import pretrain as run_pretrain
 
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    result = run_pretrain(
-        cfg, resume=resume, stop_after=stop_after, progress=_render.RichProgress() if is_main else None
-    )
-    if is_main:
+    main = is_main()
+    result = run_pretrain(cfg, resume=resume, stop_after=stop_after, progress=_render.RichProgress() if main else None)
+    if main:
         _render.run_summary(result)
         if result.eval is not None:
             _render.retrieval_table(result.eval)

@@ -26,7 +26,12 @@ from evlp.config.schema import (
     TrainConfig,
 )
 
-CONFIG_SCHEMAS: dict[str, type] = {"pretrain": PretrainConfig}
+from evlp.config.glue import GlueConfig  # noqa: E402 - these extend the schemas above
+from evlp.config.imagenet import ImageNetConfig  # noqa: E402
+from evlp.config.retrieval import RetrievalFinetuneConfig  # noqa: E402
+
+CONFIG_SCHEMAS: dict[str, type] = {"pretrain": PretrainConfig, "retrieval": RetrievalFinetuneConfig,
+                                   "glue": GlueConfig, "imagenet": ImageNetConfig}
 """Which schema each command's recipes follow."""
 
 __all__ = [

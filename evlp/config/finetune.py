@@ -17,17 +17,23 @@ class FinetuneConfig:
     """Shared fine-tuning settings.
 
     ``ckpt`` is the pretrained model (a pretraining run folder, checkpoint or ``evlp export`` folder);
-    ``data`` the data root (``evlp data download --out``); ``out`` the fine-tuning run folder.
+    ``data`` the data root (``evlp data download --out``; default ``paths.data``); ``out`` the run folder.
     """
 
     ckpt: str = ""
-    data: str = "data"
+    data: str | None = None
+    """The data root; ``None`` = ``paths.data``."""
     out: str = "runs/finetune"
     paths: PathsConfig = field(default_factory=PathsConfig)
     optim: OptimConfig = field(default_factory=finetune_optim)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, log_every=50, ckpt_every=100000))
     eval_batch_size: int = 256
     """Batch size of the validation and test passes (per process)."""
+
+    @property
+    def data_root(self) -> str:
+        """``data``, else ``paths.data``."""
+        return self.data or self.paths.data
 
     def validate(self) -> list[str]:
         problems = self.paths.validate() + self.optim.validate() + self.train.validate()

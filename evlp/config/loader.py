@@ -123,6 +123,7 @@ def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
+    defaults = None
     for key, value in data.items():
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
@@ -131,6 +132,10 @@ def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
             continue
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
+            if isinstance(value, dict):  # keep what this class's own default changes in the section
+                defaults = defaults if defaults is not None else cls()
+                own, plain = to_dict(getattr(defaults, key)), to_dict(tp())
+                value = merge({k: v for k, v in own.items() if plain.get(k) != v}, value)
             kwargs[key] = _build(tp, value, f"{path}{key}.", problems)
         else:
             kwargs[key] = _coerce(value, tp, f"{path}{key}", problems)
@@ -319,8 +324,11 @@ def load_config(
     Raises:
         ConfigError: with every problem found.
     """
-    from evlp.config.recipes import find_recipe  # local: recipes imports this module
+    from evlp.config import CONFIG_SCHEMAS  # local: the package imports this module
+    from evlp.config.recipes import find_recipe
 
+    if command is None:  # recipes of several commands share names (tiny): pick the schema's own folder
+        command = next((name for name, schema in CONFIG_SCHEMAS.items() if schema is cls), None)
     data: dict[str, Any] = {}
     where = "the configuration"
     if config is not None:

@@ -61,8 +61,8 @@ def find_recipe(name: str, command: str | None = None) -> Path:
     cmd, _, base = stem.rpartition("/")
     recipes = list_recipes()
     candidates = [r for r in recipes if r.name == base and (not cmd or r.command == cmd)]
-    if command is not None and len(candidates) > 1:
-        candidates = [r for r in candidates if r.command == command] or candidates
+    if len(candidates) > 1:  # the same name in several commands: the asked one, else pretraining's
+        candidates = [r for r in candidates if r.command == (command or "pretrain")] or candidates
     if candidates:
         return candidates[0].path
     pool = [r for r in recipes if command is None or r.command == command] or recipes

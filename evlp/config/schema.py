@@ -317,9 +317,11 @@ class PathsConfig:
 
     models: str = "models"
     """Folder of downloaded weights; relative ``model.*.checkpoint`` paths are taken from here."""
+    data: str = "data"
+    """The data root (``evlp data download --out``), used where a command's own data root is not given."""
 
     def validate(self, p: str = "paths.") -> list[str]:
-        return [] if self.models else [f"{p}models: must not be empty"]
+        return [f"{p}{k}: must not be empty" for k in ("models", "data") if not getattr(self, k)]
 
 
 @dataclass

@@ -59,7 +59,8 @@ class EpochBatches:
         if n // world_size < batch_size:
             raise ConfigError(f"{n} examples give no full batch of {batch_size} on each of {world_size} "
                               "process(es); lower train.batch_size")
-        self.dataset, self.batch_size, self.rank, self.world_size, self.seed = dataset, batch_size, rank, world_size, seed
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.collate_fn, self.num_workers = collate_fn, num_workers
         self.epoch = int((resume or {}).get("epoch", 0))
         self.batch = int((resume or {}).get("batch", 0))

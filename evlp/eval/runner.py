@@ -42,13 +42,20 @@ class _ImageFiles:
         return self.transform(load_rgb(self.paths[i]))
 
 
-def embed_index(encoder: Any, index: Any, batch_size: int = 128, num_workers: int = 2) -> tuple[Any, Any]:
-    """Embed each image of a retrieval index once and every caption: ``(images (N_i, D), texts (N_t, D))``."""
+def embed_images(encoder: Any, paths: list[Path], batch_size: int = 128, num_workers: int = 2) -> Any:
+    """Embed image files with the encoder's eval transform: (N, D)."""
     import torch
 
-    loader = torch.utils.data.DataLoader(_ImageFiles(index.image_paths, encoder.transform), batch_size=batch_size,
+    if not paths:
+        return torch.empty(0, encoder.config.shared.width)
+    loader = torch.utils.data.DataLoader(_ImageFiles(paths, encoder.transform), batch_size=batch_size,
                                          num_workers=num_workers, shuffle=False)
-    images = torch.cat([encoder.encode_pixels(px) for px in loader])
+    return torch.cat([encoder.encode_pixels(px) for px in loader])
+
+
+def embed_index(encoder: Any, index: Any, batch_size: int = 128, num_workers: int = 2) -> tuple[Any, Any]:
+    """Embed each image of a retrieval index once and every caption: ``(images (N_i, D), texts (N_t, D))``."""
+    images = embed_images(encoder, index.image_paths, batch_size, num_workers)
     texts = encoder.encode_text(index.texts, batch_size=max(batch_size, 256))
     return images, texts
 

@@ -104,9 +104,11 @@ class TextTower(nn.Module):
         self.model = model
         self.width = int(model.config.hidden_size)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """``input_ids``/``attention_mask`` (B, T), mask 1 = real token; returns (B, T, width)."""
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        """``input_ids``/``attention_mask`` (B, T), mask 1 = real token; ``token_type_ids`` (B, T) segment ids of
+        sentence pairs (None = all segment 0); returns (B, T, width)."""
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}  # not every family takes it
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
 
     def hf_config(self) -> dict[str, Any]:
         """The HF config of the (truncated) encoder, saved with checkpoints as ``text_config.json``."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import os
 import platform
@@ -19,46 +18,16 @@ from torch import Tensor, nn
 from evlp.checkpoint import CONFIG, TEXT_CONFIG, TOKENIZER, latest_checkpoint, read_json, write_json
 from evlp.config.loader import dump_yaml, from_dict, read_yaml, to_dict, write_atomic
 from evlp.config.schema import PretrainConfig
-from evlp.data.shards import ShardStream, StreamTracker, count_samples, expand_shards
-from evlp.data.tokenize import CaptionTokenizer, build_caption_tokenizer
-from evlp.data.transforms import load_rgb, pretrain_transforms
+from evlp.data.pairs import PairBatches
+from evlp.data.shards import count_samples, expand_shards
+from evlp.data.tokenize import build_caption_tokenizer
+from evlp.data.transforms import pretrain_transforms
 from evlp.dist import DistInfo
 from evlp.errors import ConfigError
 from evlp.losses import MemoryBank, clip_loss, kd_loss, total_loss, update_bank
 from evlp.models import build_model, build_teacher_of, resolve_model_config, resolve_weights
 from evlp.train.loop import RunResult, fit
 from evlp.train.task import Progress
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
-class DecodeSample:
-    """Shard member bytes -> ``(pixels (3, H, W), caption)``; None for a sample without image or caption.
-    Corrupt images raise PIL's errors, which the shard stream counts as skipped."""
-
-    def __init__(self, transform: Any) -> None:
-        self.transform = transform
-
-    def __call__(self, members: dict[str, bytes], key: str) -> tuple[Tensor, str] | None:
-        data = next((members[e] for e in IMAGE_EXTS if e in members), None)
-        text = members.get("txt")
-        if data is None or text is None:
-            return None
-        caption = text.decode("utf-8", errors="replace").strip()
-        if not caption:
-            return None
-        return self.transform(load_rgb(io.BytesIO(data))), caption
-
-
-class CollateBatch:
-    """A list of decoded samples -> ``{"image": (B, 3, H, W), "input_ids": (B, T), "attention_mask": (B, T)}``."""
-
-    def __init__(self, tokenizer: CaptionTokenizer) -> None:
-        self.tokenizer = tokenizer
-
-    def __call__(self, samples: list[tuple[Tensor, str]]) -> dict[str, Tensor]:
-        return {"image": torch.stack([s[0] for s in samples]), **self.tokenizer([s[1] for s in samples])}
-
 
 class PretrainModule(nn.Module):
     """The trainable module under DDP: the student plus the KD logit scale (a parameter only when learnable)."""
@@ -103,7 +72,7 @@ class PretrainTask:
         self.find_unused_parameters = not self.use_kd or cfg.loss.itc_weight == 0
         self.teacher: nn.Module | None = None
         self.bank: MemoryBank | None = None
-        self.tracker: StreamTracker | None = None
+        self.pairs: PairBatches | None = None
         self.skipped_samples = 0
 
     # ------------------------------------------------------------------ model and state
@@ -136,7 +105,7 @@ class PretrainTask:
             self.bank.to(device)
 
     def data_state(self) -> dict:
-        return {"stream": self.tracker.state_dict() if self.tracker is not None else None}
+        return {"stream": self.pairs.state_dict() if self.pairs is not None else None}
 
     def save_artifacts(self, folder: Path) -> None:
         self.tokenizer.save(folder / TOKENIZER)
@@ -147,25 +116,11 @@ class PretrainTask:
         return self._samples
 
     def train_batches(self, dist: DistInfo, data_state: dict | None) -> Iterator[dict[str, Any]]:
-        workers = self.cfg.data.num_workers
-        resume = (data_state or {}).get("stream")
-        stream = ShardStream(self.shards, batch_size=self.cfg.train.batch_size,
-                             decode=DecodeSample(self.train_transform), collate=CollateBatch(self.tokenizer),
-                             rank=dist.rank, world_size=dist.world_size, seed=self.cfg.train.seed, resume=resume,
-                             num_workers=workers)
-        if resume is not None and not stream.resume_exact:
-            warnings.warn("the number of processes or data workers changed since the checkpoint; the data "
-                          "stream restarts at the beginning of the interrupted epoch", stacklevel=2)
-        self.tracker = StreamTracker(dist.world_size, workers)
-        if resume is not None and stream.resume_exact:
-            self.tracker.load_state_dict(resume)
-        loader = torch.utils.data.DataLoader(
-            stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-        )
-        for batch in loader:
-            self.tracker.update(batch.pop("_pos"))
-            self.skipped_samples = self.tracker.skipped
+        self.pairs = PairBatches(self.shards, transform=self.train_transform, tokenizer=self.tokenizer,
+                                 batch_size=self.cfg.train.batch_size, dist=dist, seed=self.cfg.train.seed,
+                                 num_workers=self.cfg.data.num_workers)
+        for batch in self.pairs.batches((data_state or {}).get("stream")):
+            self.skipped_samples = self.pairs.skipped
             yield batch
 
     # ------------------------------------------------------------------ loss

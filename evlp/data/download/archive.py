@@ -59,7 +59,8 @@ def _write_atomic(target: Path, src, size_hint: int | None = None) -> None:  # n
 
 
 def safe_extract(archive: str | os.PathLike[str], dest: str | os.PathLike[str], *,
-                 keep: Callable[[str], bool] | None = None) -> int:
+                 keep: Callable[[str], bool] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> int:
     """Extract a ``.zip`` or a (compressed) tar archive into ``dest``, safely and resumably.
 
     Every member is checked first; an unsafe one refuses the whole archive before any file is written.
@@ -68,6 +69,7 @@ def safe_extract(archive: str | os.PathLike[str], dest: str | os.PathLike[str], 
         archive: the archive file.
         dest: target folder (created).
         keep: optional filter on member names; members it rejects are skipped.
+        progress: called with (members done, members in total) as files are written.
 
     Returns:
         The number of files written (0 when a previous extraction completed).
@@ -83,16 +85,17 @@ def safe_extract(archive: str | os.PathLike[str], dest: str | os.PathLike[str], 
     if _marker(dest, archive).exists():
         return 0
     if zipfile.is_zipfile(archive):
-        written = _extract_zip(archive, dest, keep)
+        written = _extract_zip(archive, dest, keep, progress)
     elif tarfile.is_tarfile(archive):
-        written = _extract_tar(archive, dest, keep)
+        written = _extract_tar(archive, dest, keep, progress)
     else:
         raise DataNotFoundError(f"{archive} is neither a zip nor a tar archive (is the download complete?)")
     _marker(dest, archive).write_text("ok\n", encoding="utf-8")
     return written
 
 
-def _extract_zip(archive: Path, dest: Path, keep: Callable[[str], bool] | None) -> int:
+def _extract_zip(archive: Path, dest: Path, keep: Callable[[str], bool] | None,
+                 progress: Callable[[int, int], None] | None) -> int:
     with zipfile.ZipFile(archive) as zf:
         members = [m for m in zf.infolist() if keep is None or keep(m.filename)]
         plan = []
@@ -105,7 +108,9 @@ def _extract_zip(archive: Path, dest: Path, keep: Callable[[str], bool] | None) 
                                          "(links are not extracted from zip files)")
             plan.append((m, target))
         written = 0
-        for m, target in plan:
+        for done, (m, target) in enumerate(plan, 1):
+            if progress is not None:
+                progress(done, len(plan))
             if m.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
                 continue
@@ -117,7 +122,8 @@ def _extract_zip(archive: Path, dest: Path, keep: Callable[[str], bool] | None) 
     return written
 
 
-def _extract_tar(archive: Path, dest: Path, keep: Callable[[str], bool] | None) -> int:
+def _extract_tar(archive: Path, dest: Path, keep: Callable[[str], bool] | None,
+                 progress: Callable[[int, int], None] | None) -> int:
     with tarfile.open(archive) as tf:
         members = [m for m in tf.getmembers() if keep is None or keep(m.name)]
         for m in members:
@@ -128,7 +134,9 @@ def _extract_tar(archive: Path, dest: Path, keep: Callable[[str], bool] | None) 
             elif m.isdev() or m.isfifo():
                 raise UnsafeArchiveError(f"{archive}: device or FIFO member '{m.name}' refused")
         written = 0
-        for m in members:
+        for done, m in enumerate(members, 1):
+            if progress is not None:
+                progress(done, len(members))
             target = _member_target(dest, m.name, archive)
             if m.isdir():
                 target.mkdir(parents=True, exist_ok=True)

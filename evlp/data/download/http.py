@@ -92,7 +92,8 @@ def download(url: str, dest: str | os.PathLike[str], *, checksum: str | None = N
         except (DownloadError, urllib.error.URLError, OSError, TimeoutError) as exc:
             last = exc
         time.sleep(min(2 ** attempt, 10) * 0.1)
-    raise DownloadError(f"could not download {url}: {last} (after {retries} attempts; re-run to resume)")
+    error = ChecksumError if isinstance(last, ChecksumError) else DownloadError
+    raise error(f"could not download {url}: {last} (after {retries} attempts; re-run to resume)") from last
 
 
 def _fetch(url: str, part: Path, timeout: float, progress: Callable[[int, int | None], None] | None) -> None:

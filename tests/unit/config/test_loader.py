@@ -107,18 +107,32 @@ def test_bad_yaml_is_one_clear_error(tmp_path: Path) -> None:
 def test_every_shipped_recipe_is_a_valid_delta() -> None:
     recipes = list_recipes()
     assert {"s_smke", "tiny"} <= {r.name for r in recipes}
+    assert set(CONFIG_SCHEMAS) == {r.command for r in recipes}
     for recipe in recipes:
         schema = CONFIG_SCHEMAS[recipe.command]
-        load_config(schema, str(recipe.path))
-        # deltas only: no key repeats its default value (except the model preset name)
         delta = yaml.safe_load(recipe.path.read_text()) or {}
-        defaults = to_dict(from_dict(schema, {"model": {"name": delta.get("model", {}).get("name", "s_smke")}}))
+        base = {"model": {"name": delta.get("model", {}).get("name", "s_smke")}} if schema is PretrainConfig \
+            else {"ckpt": "run"}  # fine-tuning needs a checkpoint
+        load_config(schema, str(recipe.path), [f"{k}={v}" for k, v in base.items() if k == "ckpt"])
+        defaults = to_dict(from_dict(schema, base))
+        # deltas only: no key repeats its default value (except the model preset name)
         for section, values in delta.items():
             if isinstance(values, dict):
                 for key, value in values.items():
                     if key != "name" and not isinstance(value, dict):
                         assert defaults[section][key] != value, f"{recipe.name}: {section}.{key} repeats its default"
+            else:
+                assert defaults[section] != values, f"{recipe.command}/{recipe.name}: {section} repeats its default"
         assert recipe.description, f"recipe {recipe.name} needs a leading comment line"
+
+
+def test_nested_defaults_of_a_schema_survive_partial_overrides() -> None:
+    from evlp.config.imagenet import ImageNetConfig
+
+    cfg = load_config(ImageNetConfig, None, ["ckpt=run", "optim.lr=3e-3", "train.seed=1"])
+    plain = ImageNetConfig(ckpt="run")
+    assert cfg.optim.lr == 3e-3 and cfg.optim.betas == plain.optim.betas and cfg.optim.scale_lr is False
+    assert cfg.train.epochs == plain.train.epochs and cfg.train.seed == 1
 
 
 def test_resolved_config_round_trips(tmp_path: Path) -> None:

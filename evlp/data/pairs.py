@@ -1,0 +1,98 @@
+"""Image-caption batches from webdataset shards: decoding, collation and the resumable stream.
+
+Used by every task that trains on image-caption pairs (pretraining, retrieval fine-tuning).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from evlp.data.shards import ShardStream, StreamTracker
+from evlp.data.tokenize import CaptionTokenizer
+from evlp.data.transforms import load_rgb
+from evlp.dist import DistInfo
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class DecodeSample:
+    """Shard member bytes -> ``(pixels (3, H, W), caption)``; None for a sample without image or caption.
+    Corrupt images raise PIL's errors, which the shard stream counts as skipped."""
+
+    def __init__(self, transform: Any) -> None:
+        self.transform = transform
+
+    def __call__(self, members: dict[str, bytes], key: str) -> tuple[Tensor, str] | None:
+        data = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        text = members.get("txt")
+        if data is None or text is None:
+            return None
+        caption = text.decode("utf-8", errors="replace").strip()
+        if not caption:
+            return None
+        return self.transform(load_rgb(io.BytesIO(data))), caption
+
+
+class CollateBatch:
+    """A list of decoded samples -> ``{"image": (B, 3, H, W), "input_ids": (B, T), "attention_mask": (B, T)}``."""
+
+    def __init__(self, tokenizer: CaptionTokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, samples: list[tuple[Tensor, str]]) -> dict[str, Tensor]:
+        return {"image": torch.stack([s[0] for s in samples]), **self.tokenizer([s[1] for s in samples])}
+
+
+class PairBatches:
+    """Endless, exactly resumable batches of image-caption pairs for one rank.
+
+    Args:
+        shards: the tar shards.
+        transform: image transform (PIL -> tensor).
+        tokenizer: caption tokenizer.
+        batch_size: per process.
+        dist: this process's place.
+        seed: shuffling seed.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(self, shards: Sequence[Path], *, transform: Any, tokenizer: CaptionTokenizer, batch_size: int,
+                 dist: DistInfo, seed: int, num_workers: int) -> None:
+        self.shards, self.transform, self.tokenizer = list(shards), transform, tokenizer
+        self.batch_size, self.dist, self.seed, self.num_workers = batch_size, dist, seed, num_workers
+        self.tracker = StreamTracker(dist.world_size, num_workers)
+
+    @property
+    def skipped(self) -> int:
+        """Samples skipped so far on this rank (corrupt or missing images)."""
+        return self.tracker.skipped
+
+    def state_dict(self) -> dict:
+        """The resume point of this rank."""
+        return self.tracker.state_dict()
+
+    def batches(self, resume: dict | None = None) -> Iterator[dict[str, Any]]:
+        """Yield batches (without the stream's position tag), continuing from ``resume`` when given."""
+        workers = self.num_workers
+        stream = ShardStream(self.shards, batch_size=self.batch_size, decode=DecodeSample(self.transform),
+                             collate=CollateBatch(self.tokenizer), rank=self.dist.rank,
+                             world_size=self.dist.world_size, seed=self.seed, resume=resume, num_workers=workers)
+        if resume is not None and not stream.resume_exact:
+            warnings.warn("the number of processes or data workers changed since the checkpoint; the data "
+                          "stream restarts at the beginning of the interrupted epoch", stacklevel=2)
+        if resume is not None and stream.resume_exact:
+            self.tracker.load_state_dict(resume)
+        loader = torch.utils.data.DataLoader(
+            stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        )
+        for batch in loader:
+            self.tracker.update(batch.pop("_pos"))
+            yield batch

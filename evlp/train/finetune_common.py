@@ -1,0 +1,174 @@
+"""What every fine-tuning entry point shares: the result object, the run folder's records (``config.yaml``,
+``env.json``, ``summary.json``), resume checks, and scoring the best checkpoint once training is done.
+
+A fine-tuning entry point reads like::
+
+    config_text = start_run(cfg, resume=resume, fixed=("task",))
+    run = fit(task, cfg.optim, cfg.train, cfg.out, resume=resume, files={CONFIG: task.checkpoint_config()})
+    return finish_run(run, lambda ckpt: [...EvalResults of ckpt...])
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evlp.checkpoint import CONFIG, latest_checkpoint, write_json
+from evlp.config.loader import dump_yaml, read_yaml, to_dict, write_atomic
+from evlp.errors import ConfigError
+from evlp.eval.results import EvalResult
+from evlp.train.loop import RunResult
+
+ENV = "env.json"
+SUMMARY = "summary.json"
+EVAL_DIR = "eval"
+
+
+@dataclass
+class FinetuneResult:
+    """A fine-tuning run and the scores of its best checkpoint.
+
+    Attributes:
+        run: what training did (steps, best validation metric, checkpoints).
+        results: one :class:`EvalResult` per evaluated split, already written under ``RUN/eval/``; empty on
+            processes other than the main one and for runs stopped early (``stop_after``).
+    """
+
+    run: RunResult
+    results: list[EvalResult] = field(default_factory=list)
+
+
+def is_main_process() -> bool:
+    """True on global rank 0 (or without a launcher); only it writes run records and scores the final model."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def env_record() -> dict[str, Any]:
+    """Versions and hardware of this run, saved as ``RUN/env.json``."""
+    import accelerate
+    import torch
+    import transformers
+
+    from evlp import __version__
+
+    return {
+        "evlp": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+        "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(), "platform": platform.platform(),
+        "world_size": int(os.environ.get("WORLD_SIZE", 1)),
+    }
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def check_run_dir(cfg: Any, resume: bool, fixed: Iterable[str] = ()) -> None:
+    """Refuse to overwrite a run, to resume a run that has no checkpoint, or to resume with changed settings.
+
+    Args:
+        cfg: the resolved fine-tuning config (``cfg.out`` is the run folder).
+        resume: whether the run should continue from its latest checkpoint.
+        fixed: dotted config keys that must match the run's saved ``config.yaml`` on resume, besides the
+            model and batch settings every run fixes (``ckpt``, ``train.batch_size``, ``train.grad_accum``,
+            ``train.seed``).
+
+    Raises:
+        ConfigError: the run folder conflicts with ``resume``.
+    """
+    run_dir = Path(cfg.out)
+    has_ckpt = latest_checkpoint(run_dir) is not None
+    if not resume and has_ckpt:
+        raise ConfigError(f"{run_dir} already holds a run with checkpoints; pass --resume to continue it, "
+                          "or choose another --out")
+    if resume and not has_ckpt:
+        raise ConfigError(f"--resume: {run_dir} has no complete checkpoint to continue from; "
+                          "drop --resume to start the run")
+    if resume and (run_dir / CONFIG).is_file():
+        saved, now = read_yaml(run_dir / CONFIG), to_dict(cfg)
+        keys = ("ckpt", "train.batch_size", "train.grad_accum", "train.seed", *fixed)
+        changed = [k for k in keys if _lookup(saved, k) != _lookup(now, k)]
+        if changed:
+            raise ConfigError(f"--resume: {', '.join(changed)} differ from the run's saved {run_dir / CONFIG}; "
+                              "resume with the same settings (omit --config to reuse them)")
+
+
+def start_run(cfg: Any, *, resume: bool, fixed: Iterable[str] = ()) -> str:
+    """Check the run folder (:func:`check_run_dir`), then write ``RUN/config.yaml`` (the resolved config, from
+    which the run can be reproduced or resumed) and ``RUN/env.json`` on the main process.
+
+    Returns:
+        The resolved config as YAML text.
+
+    Raises:
+        ConfigError: see :func:`check_run_dir`.
+    """
+    check_run_dir(cfg, resume, fixed)
+    text = dump_yaml(cfg)
+    if is_main_process():
+        run_dir = Path(cfg.out)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / CONFIG, text)
+        write_json(run_dir / ENV, env_record())
+    return text
+
+
+def checkpoint_config(model: Any, finetune: Any, **sections: Any) -> str:
+    """The ``config.yaml`` placed into each fine-tuning checkpoint: the pretrained model's config (``model``), the
+    fine-tuning config (``finetune``) and any task-specific ``sections`` (e.g. the classifier's shape)."""
+    return dump_yaml({"model": to_dict(model), "finetune": to_dict(finetune),
+                      **{k: to_dict(v) for k, v in sections.items()}})
+
+
+def final_checkpoint(run: RunResult) -> Path | None:
+    """The checkpoint to report: the best by validation (``RUN/checkpoints/best``), else the last; None while the
+    run is unfinished (stopped by ``stop_after``)."""
+    if run.steps < run.total_steps:
+        return None
+    return run.best_checkpoint or run.checkpoint
+
+
+def eval_path(run_dir: str | os.PathLike[str], task: str, dataset: str, split: str) -> Path:
+    """Where a fine-tuning run writes one split's result: ``RUN/eval/<task>_<dataset>_<split>.json``."""
+    return Path(run_dir) / EVAL_DIR / f"{task}_{dataset}_{split}.json"
+
+
+def write_summary(result: FinetuneResult) -> None:
+    """Write ``RUN/summary.json``: the run's figures, its validations and where each result JSON is."""
+    run = result.run
+    write_json(Path(run.run_dir) / SUMMARY, {
+        "steps": run.steps, "total_steps": run.total_steps, "samples": run.samples, "seconds": run.seconds,
+        "samples_per_s": run.samples_per_s, "world_size": run.world_size, "precision": run.precision,
+        "peak_lr": run.peak_lr, "metrics": run.metrics, "best_metric": run.best_metric,
+        "best_checkpoint": str(run.best_checkpoint) if run.best_checkpoint else None,
+        "checkpoint": str(run.checkpoint) if run.checkpoint else None, "validations": run.validations,
+        "resumed_from": run.resumed_from,
+        "results": [{"dataset": r.dataset, "split": r.split, "metrics": r.metrics, "path": r.path}
+                    for r in result.results],
+    })
+
+
+def finish_run(run: RunResult, score: Callable[[Path], list[EvalResult]]) -> FinetuneResult:
+    """Score the final checkpoint (:func:`final_checkpoint`) with ``score`` on the main process and write
+    ``RUN/summary.json``; other processes return the run alone.
+
+    Args:
+        run: what :func:`evlp.train.loop.fit` returned.
+        score: checkpoint folder -> its written results (called once, only for a finished run).
+    """
+    result = FinetuneResult(run=run)
+    if not is_main_process():
+        return result
+    ckpt = final_checkpoint(run)
+    if ckpt is not None:
+        result.results = score(ckpt)
+    write_summary(result)
+    return result
