@@ -8,7 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evlp.checkpoint import CONFIG, TEXT_CONFIG, TOKENIZER, find_checkpoint, load_student_state_dict, read_json
+from evlp.checkpoint import (
+    CONFIG,
+    TEXT_CONFIG,
+    TOKENIZER,
+    find_checkpoint,
+    load_student_state_dict,
+    load_weights_into,
+    read_json,
+)
 from evlp.config.loader import from_dict, read_yaml
 from evlp.config.schema import ModelConfig
 from evlp.errors import CheckpointError
@@ -89,14 +97,7 @@ def load(path: str | os.PathLike[str], device: str | None = None) -> Encoder:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     text_config = read_json(ckpt / TEXT_CONFIG)
-    model = build_model(cfg, text_config=text_config)
-    state = load_student_state_dict(ckpt)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"weights in {ckpt} do not match its config: {len(missing)} missing (first: {missing[:3]}), "
-            f"{len(unexpected)} unexpected (first: {unexpected[:3]})")
-    model.eval().to(device)
+    model = load_weights_into(build_model(cfg, text_config=text_config), ckpt, load_student_state_dict(ckpt), device)
     tok_dir = ckpt / TOKENIZER
     tokenizer = CaptionTokenizer(load_tokenizer(str(tok_dir) if tok_dir.is_dir() else cfg.text.tokenizer_source),
                                  cfg.text.max_length, cfg.text.vocab_size)

@@ -198,3 +198,52 @@ def export_model(ckpt: str | os.PathLike[str], out: str | os.PathLike[str]) -> P
         dest.rmdir()
     os.replace(tmp, dest)
     return dest
+
+
+def load_weights_into(model: Any, path: str | os.PathLike[str], state: dict[str, Any] | None = None,
+                      device: str | None = None) -> Any:
+    """Load a checkpoint's weights into ``model`` strictly, put it in eval mode on ``device`` and return it.
+
+    Args:
+        model: the module the checkpoint's config describes.
+        path: the checkpoint folder (``model.safetensors`` is read unless ``state`` is given).
+        state: weights already read (e.g. the student's, prefix removed).
+        device: default: CUDA when available.
+
+    Raises:
+        CheckpointError: missing or unexpected keys (the first few of each are named).
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    state = state if state is not None else load_file(str(path / WEIGHTS))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"weights in {path} do not fit its config: {len(missing)} missing (first: "
+                              f"{missing[:3]}), {len(unexpected)} unexpected (first: {unexpected[:3]})")
+    return model.eval().to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def read_task_checkpoint(ckpt: str | os.PathLike[str], accepts: Any, what: str, command: str
+                         ) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """Resolve a fine-tuning checkpoint and read its config: ``(folder, config, classifier section)``.
+
+    Args:
+        ckpt: a run folder (its best checkpoint) or a checkpoint.
+        accepts: predicate on the config's ``classifier`` section (is it this task's?).
+        what: the task's name in messages ("a GLUE fine-tuning").
+        command: the command that writes such checkpoints (``evlp finetune glue``).
+
+    Raises:
+        CheckpointError: no checkpoint, or one of another task.
+    """
+    from evlp.config.loader import read_yaml
+
+    path = find_checkpoint(ckpt)
+    raw = read_yaml(path / CONFIG)
+    head = raw.get("classifier")
+    if not isinstance(head, dict) or not accepts(head):
+        raise CheckpointError(f"{path} is not {what} checkpoint (its {CONFIG} has no matching classifier "
+                              f"section); fine-tune one with `{command}`")
+    return path, raw, head

@@ -27,6 +27,17 @@ def _config(schema: type, command: str, recipe: str, config: Optional[str], over
     return load_config(schema, config, overrides or [], command=command, extra=extra)
 
 
+def _run(finetune: object, cfg: object, resume: bool, show_result: str = "result_table") -> None:
+    """Run a fine-tuning entry point with a progress bar and render its run and results (rank 0 only)."""
+    from evlp_cli import _render
+
+    result = finetune(cfg, resume=resume, progress=_render.RichProgress() if is_main() else None)  # type: ignore[operator]
+    if is_main():
+        _render.run_summary(result.run)
+        for r in result.results:
+            getattr(_render, show_result)(r)
+
+
 _CONFIG = typer.Option(None, "--config", "-c", autocompletion=complete_recipes,
                        help="Recipe name or YAML path (default: the task's recipe; with --resume the run's own).")
 _ROOT = typer.Option(None, "--root", help="Data root (default: paths.data = ./data).")
@@ -51,16 +62,10 @@ def imagenet(
     """ImageNet-1k fine-tuning (layer decay 0.81, RandAugment, mixup/cutmix) or linear probe; top-1/top-5."""
     from evlp.config.imagenet import ImageNetConfig
     from evlp.train.imagenet import finetune_imagenet
-    from evlp_cli import _render
-
     mode = "linear" if linear else "imagenet"
     cfg = _config(ImageNetConfig, "imagenet", mode, config, overrides, resume, ckpt=ckpt, data=root, dataset=data,
                   out=out or Path("runs") / f"{mode}_{data}", **({"linear": True} if linear else {}))
-    result = finetune_imagenet(cfg, resume=resume, progress=_render.RichProgress() if is_main() else None)
-    if is_main():
-        _render.run_summary(result.run)
-        for r in result.results:
-            _render.result_table(r)
+    _run(finetune_imagenet, cfg, resume)
 
 
 @app.command("glue")
@@ -77,16 +82,11 @@ def glue(
     from evlp.config.glue import GlueConfig
     from evlp.config.recipes import list_recipes
     from evlp.train.glue import finetune_glue
-    from evlp_cli import _render
 
     recipe = task if task in {r.name for r in list_recipes("glue")} else "sst2"
     cfg = _config(GlueConfig, "glue", recipe, config, overrides, resume, ckpt=ckpt, data=root, task=task,
                   out=out or Path("runs") / f"glue_{task}")
-    result = finetune_glue(cfg, resume=resume, progress=_render.RichProgress() if is_main() else None)
-    if is_main():
-        _render.run_summary(result.run)
-        for r in result.results:
-            _render.result_table(r)
+    _run(finetune_glue, cfg, resume)
 
 
 @app.command("retrieval")
@@ -103,13 +103,8 @@ def retrieval(
     from evlp.config.recipes import list_recipes
     from evlp.config.retrieval import RetrievalFinetuneConfig
     from evlp.train.retrieval import finetune_retrieval
-    from evlp_cli import _render
 
     recipe = data if data in {r.name for r in list_recipes("retrieval")} else "coco"
     cfg = _config(RetrievalFinetuneConfig, "retrieval", recipe, config, overrides, resume, ckpt=ckpt, data=root,
                   dataset=data, out=out or Path("runs") / f"retrieval_{data}")
-    result = finetune_retrieval(cfg, resume=resume, progress=_render.RichProgress() if is_main() else None)
-    if is_main():
-        _render.run_summary(result.run)
-        for r in result.results:
-            _render.retrieval_table(r)
+    _run(finetune_retrieval, cfg, resume, "retrieval_table")

@@ -11,17 +11,19 @@ A fine-tuning entry point reads like::
 from __future__ import annotations
 
 import os
-import platform
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evlp.checkpoint import CONFIG, latest_checkpoint, write_json
-from evlp.config.loader import dump_yaml, read_yaml, to_dict, write_atomic
-from evlp.errors import ConfigError
+from evlp.checkpoint import CONFIG, write_json
+from evlp.config.loader import dump_yaml, to_dict, write_atomic
 from evlp.eval.results import EvalResult
 from evlp.train.loop import RunResult
+from evlp.train.runs import check_run_dir, env_record, is_main_process
+
+__all__ = ["FinetuneResult", "check_run_dir", "checkpoint_config", "env_record", "eval_path", "final_checkpoint",
+           "finish_run", "is_main_process", "start_run", "write_summary"]
 
 ENV = "env.json"
 SUMMARY = "summary.json"
@@ -40,65 +42,6 @@ class FinetuneResult:
 
     run: RunResult
     results: list[EvalResult] = field(default_factory=list)
-
-
-def is_main_process() -> bool:
-    """True on global rank 0 (or without a launcher); only it writes run records and scores the final model."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def env_record() -> dict[str, Any]:
-    """Versions and hardware of this run, saved as ``RUN/env.json``."""
-    import accelerate
-    import torch
-    import transformers
-
-    from evlp import __version__
-
-    return {
-        "evlp": __version__, "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "accelerate": accelerate.__version__,
-        "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(), "platform": platform.platform(),
-        "world_size": int(os.environ.get("WORLD_SIZE", 1)),
-    }
-
-
-def _lookup(tree: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return None
-        tree = tree[part]
-    return tree
-
-
-def check_run_dir(cfg: Any, resume: bool, fixed: Iterable[str] = ()) -> None:
-    """Refuse to overwrite a run, to resume a run that has no checkpoint, or to resume with changed settings.
-
-    Args:
-        cfg: the resolved fine-tuning config (``cfg.out`` is the run folder).
-        resume: whether the run should continue from its latest checkpoint.
-        fixed: dotted config keys that must match the run's saved ``config.yaml`` on resume, besides the
-            model and batch settings every run fixes (``ckpt``, ``train.batch_size``, ``train.grad_accum``,
-            ``train.seed``).
-
-    Raises:
-        ConfigError: the run folder conflicts with ``resume``.
-    """
-    run_dir = Path(cfg.out)
-    has_ckpt = latest_checkpoint(run_dir) is not None
-    if not resume and has_ckpt:
-        raise ConfigError(f"{run_dir} already holds a run with checkpoints; pass --resume to continue it, "
-                          "or choose another --out")
-    if resume and not has_ckpt:
-        raise ConfigError(f"--resume: {run_dir} has no complete checkpoint to continue from; "
-                          "drop --resume to start the run")
-    if resume and (run_dir / CONFIG).is_file():
-        saved, now = read_yaml(run_dir / CONFIG), to_dict(cfg)
-        keys = ("ckpt", "train.batch_size", "train.grad_accum", "train.seed", *fixed)
-        changed = [k for k in keys if _lookup(saved, k) != _lookup(now, k)]
-        if changed:
-            raise ConfigError(f"--resume: {', '.join(changed)} differ from the run's saved {run_dir / CONFIG}; "
-                              "resume with the same settings (omit --config to reuse them)")
 
 
 def start_run(cfg: Any, *, resume: bool, fixed: Iterable[str] = ()) -> str:

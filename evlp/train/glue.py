@@ -26,14 +26,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evlp.checkpoint import CONFIG, TEXT_CONFIG, TOKENIZER, WEIGHTS, find_checkpoint, read_json, write_json
+from evlp.checkpoint import (
+    CONFIG,
+    TEXT_CONFIG,
+    TOKENIZER,
+    load_weights_into,
+    read_json,
+    read_task_checkpoint,
+    write_json,
+)
 from evlp.config.glue import GlueConfig
-from evlp.config.loader import read_yaml
 from evlp.config.schema import TextTowerConfig
 from evlp.data.layouts import GLUE_TASKS
 from evlp.data.loader import EpochBatches
 from evlp.dist import DistInfo, gather_objects, shard_range
-from evlp.errors import CheckpointError, ConfigError, DataNotFoundError
+from evlp.errors import ConfigError, DataNotFoundError
 from evlp.eval.glue_metrics import glue_metrics
 from evlp.eval.results import EvalResult, checkpoint_config_hash
 from evlp.train.finetune_common import (
@@ -367,25 +374,14 @@ def load_glue_classifier(ckpt: str | Path, device: str | None = None) -> GlueChe
     Raises:
         CheckpointError: not a GLUE fine-tuning checkpoint, or its weights do not fit.
     """
-    from safetensors.torch import load_file
-
     from evlp.data.tokenize import load_tokenizer
     from evlp.models.text import build_text_tower
 
-    path = find_checkpoint(ckpt)
-    raw = read_yaml(path / CONFIG)
-    head = raw.get("classifier")
-    if not isinstance(head, dict) or head.get("task") not in GLUE_TASKS:
-        raise CheckpointError(f"{path} is not a GLUE fine-tuning checkpoint (its {CONFIG} has no classifier "
-                              "section); fine-tune one with `evlp finetune glue`")
+    path, raw, head = read_task_checkpoint(ckpt, lambda h: h.get("task") in GLUE_TASKS, "a GLUE fine-tuning",
+                                           "evlp finetune glue")
     text = build_text_tower(TextTowerConfig(), hf_config=read_json(path / TEXT_CONFIG))
-    model = GlueClassifier(text, int(head["num_labels"]), float(head["dropout"]))
-    missing, unexpected = model.load_state_dict(load_file(str(path / WEIGHTS)), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"weights in {path} do not fit its classifier: {len(missing)} missing (first: "
-                              f"{missing[:3]}), {len(unexpected)} unexpected (first: {unexpected[:3]})")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.eval().to(device)
+    model = load_weights_into(GlueClassifier(text, int(head["num_labels"]), float(head["dropout"])), path,
+                              device=device)
     spec = GLUE_TASKS[head["task"]]
     collate = GlueCollator(load_tokenizer(str(path / TOKENIZER)), int(head["max_length"]), pair=spec.pair,
                            token_types=bool(head["token_types"]), regression=spec.num_labels == 1)

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.datasets import ImageFolder
 
-from evlp.checkpoint import CONFIG, WEIGHTS, find_checkpoint, read_json
+from evlp.checkpoint import CONFIG, load_weights_into, read_json, read_task_checkpoint
 from evlp.config.imagenet import ImageNetConfig
-from evlp.config.loader import from_dict, read_yaml
+from evlp.config.loader import from_dict
 from evlp.config.schema import ImageTowerConfig, ModelConfig
 from evlp.data.loader import EpochBatches
 from evlp.dist import DistInfo, gather_objects, shard_range
@@ -435,26 +435,19 @@ def load_image_classifier(ckpt: str | Path, device: str | None = None) -> ImageC
     Raises:
         CheckpointError: not an ImageNet fine-tuning checkpoint, or its weights do not fit.
     """
-    from safetensors.torch import load_file
     from timm.data import create_transform
 
     from evlp.models.image import build_image_tower
 
-    path = find_checkpoint(ckpt)
-    raw = read_yaml(path / CONFIG)
-    head = raw.get("classifier")
-    if not isinstance(head, dict) or head.get("task") != TASK or "model" not in raw:
-        raise CheckpointError(f"{path} is not an ImageNet fine-tuning checkpoint (its {CONFIG} has no imagenet "
-                              "classifier section); fine-tune one with `evlp finetune imagenet`")
+    path, raw, head = read_task_checkpoint(ckpt, lambda h: h.get("task") == TASK, "an ImageNet fine-tuning",
+                                           "evlp finetune imagenet")
+    if "model" not in raw:
+        raise CheckpointError(f"{path / CONFIG} has no model section; fine-tune one with `evlp finetune imagenet`")
     model_cfg = from_dict(ModelConfig, raw["model"], where=str(path / CONFIG))
     tower = build_image_tower(dataclasses.replace(model_cfg.image, checkpoint=None))
-    model = ImageClassifier(tower, int(head["num_classes"]), str(head["pool"]), frozen=bool(head["linear"]))
-    missing, unexpected = model.load_state_dict(load_file(str(path / WEIGHTS)), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"weights in {path} do not fit its classifier: {len(missing)} missing (first: "
-                              f"{missing[:3]}), {len(unexpected)} unexpected (first: {unexpected[:3]})")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.eval().to(device)
+    model = load_weights_into(
+        ImageClassifier(tower, int(head["num_classes"]), str(head["pool"]), frozen=bool(head["linear"])), path,
+        device=device)
     transform = create_transform(int(head["img_size"]), is_training=False, interpolation="bicubic",
                                  crop_pct=float(head["eval_crop_ratio"]), mean=tuple(head["mean"]),
                                  std=tuple(head["std"]))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import platform
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +25,7 @@ from evlp.errors import ConfigError
 from evlp.losses import MemoryBank, clip_loss, kd_loss, total_loss, update_bank
 from evlp.models import build_model, build_teacher_of, resolve_model_config, resolve_weights
 from evlp.train.loop import RunResult, fit
+from evlp.train.runs import check_run_dir, env_record, is_main_process
 from evlp.train.task import Progress
 
 class PretrainModule(nn.Module):
@@ -157,43 +156,14 @@ class PretrainTask:
 
 
 # ---------------------------------------------------------------------- entry point
-def _env_record(cfg: PretrainConfig) -> dict[str, Any]:
-    import accelerate
-    import timm
-    import transformers
-
-    from evlp import __version__
-
-    return {
-        "evlp": __version__, "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "timm": timm.__version__, "accelerate": accelerate.__version__,
-        "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(), "platform": platform.platform(),
-        "world_size": int(os.environ.get("WORLD_SIZE", 1)),
-    }
-
-
-def _check_resume(cfg: PretrainConfig, run_dir: Path, resume: bool) -> None:
-    has_ckpt = latest_checkpoint(run_dir) is not None
-    if not resume and has_ckpt:
-        raise ConfigError(f"{run_dir} already holds a run with checkpoints; pass --resume to continue it, "
-                          "or choose another --out")
-    if resume and not has_ckpt:
-        raise ConfigError(f"--resume: {run_dir} has no complete checkpoint to continue from; "
-                          "drop --resume to start the run")
-    if resume and (run_dir / CONFIG).is_file():
-        saved = to_dict(from_dict(PretrainConfig, read_yaml(run_dir / CONFIG), where=str(run_dir / CONFIG)))
-        now = to_dict(cfg)
-        changed = [f"model.{k}" for k in now["model"] if now["model"][k] != saved["model"].get(k)]
-        changed += [f"train.{k}" for k in ("batch_size", "grad_accum", "seed")
-                    if now["train"][k] != saved["train"][k]]
-        if changed:
-            raise ConfigError(f"--resume: {', '.join(changed)} differ from the run's saved {run_dir / CONFIG}; "
-                              "resume with the same model and batch settings (omit --config to reuse them)")
-        schedule = [f"optim.{k}" for k in now["optim"] if now["optim"][k] != saved["optim"][k]]
-        schedule += [f"train.{k}" for k in ("epochs", "max_steps") if now["train"][k] != saved["train"][k]]
-        if schedule:
-            warnings.warn(f"--resume: {', '.join(schedule)} changed since the run started; the learning-rate "
-                          "schedule continues with the new values", stacklevel=3)
+def _warn_schedule_change(cfg: PretrainConfig, run_dir: Path) -> None:
+    saved = to_dict(from_dict(PretrainConfig, read_yaml(run_dir / CONFIG), where=str(run_dir / CONFIG)))
+    now = to_dict(cfg)
+    schedule = [f"optim.{k}" for k in now["optim"] if now["optim"][k] != saved["optim"][k]]
+    schedule += [f"train.{k}" for k in ("epochs", "max_steps") if now["train"][k] != saved["train"][k]]
+    if schedule:
+        warnings.warn(f"--resume: {', '.join(schedule)} changed since the run started; the learning-rate "
+                      "schedule continues with the new values", stacklevel=3)
 
 
 def pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int | None = None,
@@ -210,7 +180,9 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int | Non
     """
     run_dir = Path(cfg.out)
     cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model))
-    _check_resume(cfg, run_dir, resume)
+    check_run_dir(cfg, resume, fixed=("model",))
+    if resume and (run_dir / CONFIG).is_file():
+        _warn_schedule_change(cfg, run_dir)
     # fail before anything is written when a weights file is missing
     if not resume:
         resolve_weights(cfg.model.image.checkpoint, cfg.paths.models, "model.image")
@@ -218,11 +190,11 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int | Non
         resolve_weights(cfg.model.teacher.checkpoint, cfg.paths.models, "model.teacher")
     task = PretrainTask(cfg, resume_from=latest_checkpoint(run_dir) if resume else None)
     config_text = dump_yaml(cfg)
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    is_main = is_main_process()
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / CONFIG, config_text)
-        write_json(run_dir / "env.json", _env_record(cfg))
+        write_json(run_dir / "env.json", env_record())
     result = fit(task, cfg.optim, cfg.train, run_dir, resume=resume, stop_after=stop_after,
                  files={CONFIG: config_text}, progress=progress)
     if is_main and cfg.data.val and result.checkpoint is not None and result.steps == result.total_steps:
