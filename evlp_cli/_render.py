@@ -248,7 +248,8 @@ def cc_summary(name: str, result: Any) -> None:
     t.add_row("attempted", f"{result.attempted:,}")
     t.add_row("ok", f"{result.ok:,}")
     for reason, n in sorted(result.failed.items(), key=lambda kv: -kv[1]):
-        t.add_row(f"failed: {reason}", f"{n:,}")
+        if n:
+            t.add_row(f"failed: {reason}", f"{n:,}")
     t.add_row("images/s", f"{result.images_per_s:,.1f}")
     t.add_row("yield", f"{100 * result.yield_:.1f} %")
     t.add_row("time", f"{result.seconds:,.0f} s")
