@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from evlp.config.finetune import FinetuneConfig, finetune_optim
-from evlp.config.schema import OptimConfig, TrainConfig
+from evlp.config.schema import OptimConfig, TrainConfig, augmentation_problems
 
 RETRIEVAL_DATASETS = ("coco", "flickr30k")
 
@@ -33,12 +33,5 @@ class RetrievalFinetuneConfig(FinetuneConfig):
                                                                    ckpt_every=100000))
 
     def validate(self) -> list[str]:
-        problems = super().validate()
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            problems.append(f"crop_scale: needs 0 < min <= max <= 1, got {list(self.crop_scale)}")
-        if not 0 <= self.hflip <= 1:
-            problems.append(f"hflip: a probability in [0, 1], got {self.hflip}")
-        if self.num_workers < 0:
-            problems.append(f"num_workers: must be >= 0, got {self.num_workers}")
-        return problems
+        return super().validate() + augmentation_problems("", self.crop_scale, self.hflip, self.color_jitter,
+                                                          self.num_workers)

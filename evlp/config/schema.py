@@ -26,6 +26,22 @@ def _divides(problems: list[str], prefix: str, name: str, value: int, by_name: s
         problems.append(f"{prefix}{name} {value} is not divisible by {by_name} {by}")
 
 
+def augmentation_problems(p: str, crop_scale: tuple[float, float], hflip: float, color_jitter: float,
+                          num_workers: int) -> list[str]:
+    """Checks of the image-caption augmentation and loader settings (pretraining, retrieval fine-tuning)."""
+    problems: list[str] = []
+    lo, hi = crop_scale
+    if not 0 < lo <= hi <= 1:
+        problems.append(f"{p}crop_scale: needs 0 < min <= max <= 1, got {list(crop_scale)}")
+    if not 0 <= hflip <= 1:
+        problems.append(f"{p}hflip: a probability in [0, 1], got {hflip}")
+    if color_jitter < 0:
+        problems.append(f"{p}color_jitter: must be >= 0, got {color_jitter}")
+    if num_workers < 0:
+        problems.append(f"{p}num_workers: must be >= 0, got {num_workers}")
+    return problems
+
+
 def _vit_problems(cfg: "ImageTowerConfig | TeacherConfig", p: str) -> list[str]:
     """Checks shared by the ViT-shaped sections (image tower, teacher)."""
     problems: list[str] = []
@@ -229,15 +245,7 @@ class DataConfig:
         problems: list[str] = []
         if not self.train:
             problems.append(f"{p}train: needs at least one shard folder, file or pattern")
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            problems.append(f"{p}crop_scale: needs 0 < min <= max <= 1, got {list(self.crop_scale)}")
-        if not 0 <= self.hflip <= 1:
-            problems.append(f"{p}hflip: a probability in [0, 1], got {self.hflip}")
-        if self.color_jitter < 0:
-            problems.append(f"{p}color_jitter: must be >= 0, got {self.color_jitter}")
-        if self.num_workers < 0:
-            problems.append(f"{p}num_workers: must be >= 0, got {self.num_workers}")
+        problems += augmentation_problems(p, self.crop_scale, self.hflip, self.color_jitter, self.num_workers)
         if any(s <= 0 for s in self.std):
             problems.append(f"{p}std: must be > 0, got {list(self.std)}")
         _positive(problems, p, samples_per_epoch=self.samples_per_epoch)

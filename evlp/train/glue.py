@@ -52,7 +52,7 @@ from evlp.train.finetune_common import (
     start_run,
 )
 from evlp.train.loop import fit
-from evlp.train.task import Progress
+from evlp.train.task import Progress, TaskBase
 
 POOLER_KEYS = ("dense.weight", "dense.bias")
 
@@ -238,7 +238,7 @@ def split_metrics(per_split: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------- task
-class GlueTask:
+class GlueTask(TaskBase):
     """One GLUE task for :func:`evlp.train.loop.fit`, validated on every validation split after each epoch.
 
     Args:
@@ -292,15 +292,6 @@ class GlueTask:
             module.pooler.load_state_dict(self.pooler_state)
         return module
 
-    def to(self, device: Any) -> None:
-        pass  # everything trainable is in the module
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        pass
-
     def data_state(self) -> dict:
         return {"batches": self.batches.state_dict() if self.batches is not None else None}
 
@@ -339,9 +330,6 @@ class GlueTask:
             return F.mse_loss(logits[:, 0], labels.float()), {}
         loss = F.cross_entropy(logits, labels)
         return loss, {"acc": (logits.argmax(-1) == labels).float().mean().detach()}
-
-    def after_optimizer_step(self, module: nn.Module) -> None:
-        pass
 
     @torch.no_grad()
     def evaluate(self, module: nn.Module, dist: DistInfo) -> dict[str, float]:

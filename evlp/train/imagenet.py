@@ -38,7 +38,7 @@ from evlp.errors import CheckpointError, ConfigError, DataNotFoundError
 from evlp.eval.results import EvalResult, checkpoint_config_hash
 from evlp.train.finetune_common import FinetuneResult, checkpoint_config, eval_path, finish_run, start_run
 from evlp.train.loop import fit
-from evlp.train.task import Progress
+from evlp.train.task import Progress, TaskBase
 
 HEAD_LN_EPS = 1e-6
 TASK = "imagenet"
@@ -301,7 +301,7 @@ def topk_accuracy(module: nn.Module, dataset: Any, *, batch_size: int, num_worke
 
 
 # ---------------------------------------------------------------------- task
-class ImageNetTask:
+class ImageNetTask(TaskBase):
     """ImageNet-style classification for :func:`evlp.train.loop.fit`, validated on the val split every epoch.
 
     Args:
@@ -358,15 +358,6 @@ class ImageNetTask:
     def build_module(self) -> nn.Module:
         return ImageClassifier(self.tower, self.num_classes, self.cfg.pool, frozen=self.cfg.linear)
 
-    def to(self, device: Any) -> None:
-        pass  # everything is in the module
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        pass
-
     def data_state(self) -> dict:
         return {"batches": self.batches.state_dict() if self.batches is not None else None}
 
@@ -407,9 +398,6 @@ class ImageNetTask:
             loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.smoothing)
         # accuracy against the unmixed labels: a rough training signal only
         return loss, {"acc": (logits.argmax(-1) == labels).float().mean().detach()}
-
-    def after_optimizer_step(self, module: nn.Module) -> None:
-        pass
 
     def evaluate(self, module: nn.Module, dist: DistInfo) -> dict[str, float]:
         """Top-1/top-5 (percent) over the whole val split, every image once; all ranks take part."""

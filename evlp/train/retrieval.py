@@ -29,7 +29,7 @@ from evlp.train.finetune_common import (
     start_run,
 )
 from evlp.train.loop import fit
-from evlp.train.task import Progress
+from evlp.train.task import Progress, TaskBase
 
 
 class RetrievalModule(nn.Module):
@@ -47,7 +47,7 @@ class RetrievalModule(nn.Module):
                 "scale": self.student.logit_scales[-1].exp()}
 
 
-class RetrievalFinetuneTask:
+class RetrievalFinetuneTask(TaskBase):
     """CLIP ITC on the shared block's CLS embedding, validated by mean recall on the Karpathy val split.
 
     Args:
@@ -84,12 +84,6 @@ class RetrievalFinetuneTask:
 
     def to(self, device: Any) -> None:
         self.device = device
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        pass
 
     def data_state(self) -> dict:
         return {"stream": self.pairs.state_dict() if self.pairs is not None else None}

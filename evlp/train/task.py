@@ -84,3 +84,22 @@ class Task(Protocol):
     #   def evaluate(self, module, dist) -> dict[str, float]
     #       run on every rank (each scores its share; gather before computing metrics); the loop logs
     #       the result as val/<name>, keeps the best checkpoint (RUN/checkpoints/best) and never prunes it.
+
+
+class TaskBase:
+    """Defaults for the Task methods most fine-tuning tasks do not need: no state outside the trainable module,
+    nothing to move to the device, nothing to do after an optimizer step."""
+
+    skipped_samples: int = 0
+
+    def to(self, device: Any) -> None:
+        """Nothing lives outside the trainable module."""
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """No extra state to restore."""
+
+    def after_optimizer_step(self, module: nn.Module) -> None:
+        """Nothing to do after a step."""
