@@ -99,6 +99,8 @@ def run_summary(result: Any) -> None:
     if result.skipped_samples:
         t.add_row("skipped samples", f"{result.skipped_samples:,} (corrupt or missing images)")
     t.add_row("checkpoint", str(result.checkpoint))
+    if getattr(result, "best_checkpoint", None) is not None:
+        t.add_row("best (validation)", f"{result.best_checkpoint.name} · {result.best_metric:.4g}")
     out.print(t)
 
 

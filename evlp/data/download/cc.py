@@ -24,7 +24,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ import pyarrow.parquet as pq
 
 from evlp.data.download.http import DownloadError, download
 from evlp.data.download.manifest import MANIFEST, Manifest, tool_versions, write_manifest
+from evlp.data.download.watchdog import JOB_ENV, POLL_S, RUNNER, STARTUP_GRACE_S, activity, kill_tree
 from evlp.errors import ConfigError, DataNotFoundError, UnknownNameError
 
 __all__ = ["CC12M_INDEX_URL", "CC3M_INDEX_PAGE", "CCOptions", "CCResult", "EXPECTED_YIELD", "REASONS",
@@ -62,28 +62,8 @@ INDEX_DIR = "_index"
 _INDEX_FILE, _STATE_FILE, _LOG_FILE = "index.parquet", "index.json", "img2dataset.log"
 _SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()), ("row", pa.int64())])
 _CHUNK = 64 << 20
-_POLL_S = 0.5
-_STARTUP_GRACE_S = 120.0  # interpreter start + spawning workers writes nothing; do not call that a stall
-_JOB_ENV = "EVLP_DOWNLOAD_JOB"  # marks every process of an img2dataset job (so tests can look for leftovers)
 
 Progress = Callable[[int, "int | None"], None]
-
-# The child: leads its own process group; a thread ends the whole group once evlp is gone (killed without a
-# chance to clean up), so img2dataset never outlives us; then import img2dataset (slow) and run it.
-_RUNNER = """
-import json, os, signal, sys, threading, time
-parent = int(sys.argv[2])
-def guard():
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os.killpg(0, signal.SIGKILL)
-if parent:
-    threading.Thread(target=guard, daemon=True).start()
-from img2dataset import download
-print("evlp: img2dataset started", flush=True)
-download(**json.loads(sys.argv[1]))
-"""
-
 
 @dataclass
 class CCOptions:
@@ -401,39 +381,6 @@ def _disk(folders: list[Path]) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------- the child
-def _activity(out: Path, log: Path) -> tuple[frozenset, int]:
-    """What the watchdog compares between polls: the names and sizes of the shard and temp files."""
-    seen: list[tuple[str, int]] = []
-    for where in (out, out / "_tmp"):
-        try:
-            seen += [(f"{where.name}/{e.name}", e.stat().st_size) for e in os.scandir(where) if e.is_file()]
-        except OSError:  # no folder yet, or a file that vanished: the next poll sees the change
-            continue
-    return frozenset(seen), log.stat().st_size if log.is_file() else 0
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """Stop the child and every process it started: they share its process group, even once orphaned."""
-    if os.name != "posix":  # pragma: no cover - no process groups
-        proc.kill()
-        proc.wait()
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # img2dataset only handles SIGINT
-        proc.wait(timeout=5.0)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            break
-        proc.poll()  # reap the child, else its zombie keeps the group alive
-        time.sleep(0.05)
-    proc.wait()
-
-
 def _run_img2dataset(input_file: Path, out: Path, rows: int, options: CCOptions, log: Path,
                      progress: Progress | None) -> tuple[bool, int]:
     """Run img2dataset over ``input_file`` (``rows`` rows) into ``out`` under the watchdog.
@@ -456,13 +403,13 @@ def _run_img2dataset(input_file: Path, out: Path, rows: int, options: CCOptions,
                   number_sample_per_shard=options.shard_size, timeout=options.timeout, retries=options.retries,
                   enable_wandb=False, incremental_mode="incremental", user_agent_token="evlp")
     env = dict(os.environ, WANDB_MODE="disabled", WANDB_SILENT="true", NO_ALBUMENTATIONS_UPDATE="1",
-               PYTHONUNBUFFERED="1", **{_JOB_ENV: f"{os.getpid()}-{time.time_ns()}"})
+               PYTHONUNBUFFERED="1", **{JOB_ENV: f"{os.getpid()}-{time.time_ns()}"})
     out.mkdir(parents=True, exist_ok=True)
     with open(log, "a", encoding="utf-8") as fh:
         fh.write(f"\n=== evlp {time.strftime('%Y-%m-%d %H:%M:%S')}: {pending} rows -> {out}\n")
         fh.flush()
         guard = str(os.getpid() if os.name == "posix" else 0)
-        proc = subprocess.Popen([sys.executable, "-c", _RUNNER, json.dumps(kwargs), guard], stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([sys.executable, "-c", RUNNER, json.dumps(kwargs), guard], stdin=subprocess.DEVNULL,
                                 stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(log.parent),
                                 start_new_session=os.name == "posix")
     old_tars = {f"{out.name}/{k:05d}.tar" for k in before}
@@ -471,7 +418,7 @@ def _run_img2dataset(input_file: Path, out: Path, rows: int, options: CCOptions,
     last, changed = None, time.monotonic()
     try:
         while proc.poll() is None:
-            now, seen = time.monotonic(), _activity(out, log)
+            now, seen = time.monotonic(), activity(out, log)
             if seen != last:
                 last, changed = seen, now
                 names = {name for name, _ in seen[0]}
@@ -485,14 +432,14 @@ def _run_img2dataset(input_file: Path, out: Path, rows: int, options: CCOptions,
             if progress is not None and sum(new_stats.values()) != reported:
                 reported = sum(new_stats.values())
                 progress(reported, pending)
-            limit = options.stall_timeout if started else max(options.stall_timeout, _STARTUP_GRACE_S)
+            limit = options.stall_timeout if started else max(options.stall_timeout, STARTUP_GRACE_S)
             if now - changed > limit:
                 stalled = True
                 break
-            time.sleep(_POLL_S)
+            time.sleep(POLL_S)
     finally:
         if proc.poll() is None:
-            _kill_tree(proc)
+            kill_tree(proc)
         _clean(out)
     if not stalled and proc.returncode != 0:
         tail = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]

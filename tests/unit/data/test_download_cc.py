@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 
 from evlp.data.download import cc
+from evlp.data.download.watchdog import JOB_ENV
 from evlp.data.download.cc import CCOptions, classify_failure, download_cc, normalise_index
 from evlp.data.download.manifest import read_manifest
 from evlp.data.shards import ShardStream, count_samples, expand_shards
@@ -61,7 +62,7 @@ def _leftover_jobs() -> list[int]:
             state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if cc._JOB_ENV.encode() + b"=" in environ and state != "Z":
+        if JOB_ENV.encode() + b"=" in environ and state != "Z":
             pids.append(int(entry))
     return pids
 
