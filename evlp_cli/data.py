@@ -55,28 +55,26 @@ _RETRY = typer.Option(False, "--retry-failed", help="Fetch again only the rows t
 _LIMIT = typer.Option(None, "--limit", min=1, help="Only the first N rows (smoke runs).")
 
 
-@download_app.command("cc3m")
-def cc3m(
-    index: Optional[Path] = typer.Option(None, "--index", help="Train-GCC-training.tsv (caption TAB url), downloaded "
-                                         "by hand from the Conceptual Captions site."),
-    out: Path = _OUT, image_size: int = _IMAGE_SIZE, shard_size: int = _SHARD_SIZE,
-    processes: Optional[int] = _PROCESSES, threads: int = _THREADS, timeout: float = _TIMEOUT,
-    stall_timeout: float = _STALL, retry_failed: bool = _RETRY, limit: Optional[int] = _LIMIT,
-) -> None:
-    """Conceptual Captions 3M with img2dataset: resized webdataset shards, failures by reason."""
-    _cc("cc3m", out, index, image_size, shard_size, processes, threads, timeout, stall_timeout, retry_failed, limit)
+def _cc_command(name: str, index_help: str, doc: str) -> None:
+    """Register ``evlp data download <name>`` (CC3M and CC12M take the same options but the index)."""
+
+    def command(
+        index: Optional[Path] = typer.Option(None, "--index", help=index_help),
+        out: Path = _OUT, image_size: int = _IMAGE_SIZE, shard_size: int = _SHARD_SIZE,
+        processes: Optional[int] = _PROCESSES, threads: int = _THREADS, timeout: float = _TIMEOUT,
+        stall_timeout: float = _STALL, retry_failed: bool = _RETRY, limit: Optional[int] = _LIMIT,
+    ) -> None:
+        _cc(name, out, index, image_size, shard_size, processes, threads, timeout, stall_timeout, retry_failed,
+            limit)
+
+    command.__doc__ = doc
+    download_app.command(name)(command)
 
 
-@download_app.command("cc12m")
-def cc12m(
-    index: Optional[Path] = typer.Option(None, "--index", help="cc12m.tsv (url TAB caption); default: the public "
-                                         "index URL."),
-    out: Path = _OUT, image_size: int = _IMAGE_SIZE, shard_size: int = _SHARD_SIZE,
-    processes: Optional[int] = _PROCESSES, threads: int = _THREADS, timeout: float = _TIMEOUT,
-    stall_timeout: float = _STALL, retry_failed: bool = _RETRY, limit: Optional[int] = _LIMIT,
-) -> None:
-    """Conceptual 12M with img2dataset: resized webdataset shards, failures by reason."""
-    _cc("cc12m", out, index, image_size, shard_size, processes, threads, timeout, stall_timeout, retry_failed, limit)
+_cc_command("cc3m", "Train-GCC-training.tsv (caption TAB url), downloaded by hand from the Conceptual Captions site.",
+            "Conceptual Captions 3M with img2dataset: resized webdataset shards, failures by reason.")
+_cc_command("cc12m", "cc12m.tsv (url TAB caption); default: the public index URL.",
+            "Conceptual 12M with img2dataset: resized webdataset shards, failures by reason.")
 
 
 def _sources(urls: Optional[list[str]], allowed: tuple[str, ...]) -> dict[str, str]:

@@ -431,12 +431,8 @@ def _verify_indexes(found: _Found, problems: _Problems, decode: bool, tick: Call
             shown = path.relative_to(found.path) if path.is_relative_to(found.path) else path
             if not entry.get("filename"):
                 problems.add("bad_index", f"{rel}: an entry has no 'filename'")
-            elif not path.is_file():
-                problems.add("missing_image", f"{shown} (listed in {rel})")
             else:
-                error = _image_error(path, decode)
-                if error is not None:
-                    problems.add("bad_image", f"{shown}: {error}")
+                _check_image(problems, path, shown, f"{shown} (listed in {rel})", decode)
             if not _captions(entry):
                 problems.add("no_caption", f"{entry.get('filename')} in {rel}")
             checked += 1
@@ -445,6 +441,16 @@ def _verify_indexes(found: _Found, problems: _Problems, decode: bool, tick: Call
             _compare(problems, split, "images", part["images"], counts.get(split, {}), "images")
             _compare(problems, split, "captions", part["captions"], counts.get(split, {}), "captions")
     return checked
+
+
+def _check_image(problems: _Problems, path: Path, shown: object, missing: str, decode: bool) -> None:
+    """Record a missing (``missing`` as the message) or undecodable image."""
+    if not path.is_file():
+        problems.add("missing_image", missing)
+        return
+    error = _image_error(path, decode)
+    if error is not None:
+        problems.add("bad_image", f"{shown}: {error}")
 
 
 def _verify_image_folders(found: _Found, problems: _Problems, decode: bool, tick: Callable[[], None]) -> int:
@@ -458,12 +464,7 @@ def _verify_image_folders(found: _Found, problems: _Problems, decode: bool, tick
                 problems.add("unknown_class", f"{split}/{class_dir.name} is not an ImageNet-1k wnid")
             for path in sorted(_images_in(class_dir)):
                 shown = path.relative_to(found.path)
-                if not path.exists():
-                    problems.add("missing_image", f"{shown}: broken link")
-                else:
-                    error = _image_error(path, decode)
-                    if error is not None:
-                        problems.add("bad_image", f"{shown}: {error}")
+                _check_image(problems, path, shown, f"{shown}: broken link", decode)
                 images += 1
                 checked += 1
                 tick()
