@@ -10,8 +10,10 @@ Layout written by training (``evlp pretrain --out RUN``)::
         model.safetensors           weights of the training module (student under ``student.``)
         config.yaml  tokenizer/     what evaluation needs (with text_config.json: the text tower's
         text_config.json            HF architecture, so nothing is downloaded to rebuild it)
-        optimizer.bin random_states_*.pkl scheduler.pt trainer_state.json task_state.safetensors
+        optimizer.bin random_states_*.pkl scheduler.pt task_state.safetensors
         data_state_rank*.json       what exact resume needs
+        trainer_state.json          written last: step, figures, and the size and sha256 of every other
+                                    file (``files``), so a damaged checkpoint is recognised on load
 
 An exported model folder (``evlp export``) holds only ``model.safetensors`` (student keys, no prefix),
 ``config.yaml``, ``text_config.json`` and ``tokenizer/``. Everything here reads both.
@@ -19,9 +21,11 @@ An exported model folder (``evlp export``) holds only ``model.safetensors`` (stu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,16 +66,69 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
     return sorted(found, key=step_of)
 
 
-def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
+def file_manifest(folder: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"size", "sha256"}}`` of every file below ``folder`` except ``trainer_state.json``."""
+    root = Path(folder)
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != TRAINER_STATE):
+        out[path.relative_to(root).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
+    return out
+
+
+def checkpoint_problem(ckpt: str | os.PathLike[str], *, deep: bool = True) -> str | None:
+    """What is wrong with a checkpoint folder, or None when it is complete.
+
+    A checkpoint is complete when its ``trainer_state.json`` reads and every file it lists has the recorded
+    size and (with ``deep``) sha256. Checkpoints written before the manifest existed are taken as complete.
+    """
+    path = Path(ckpt)
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"{TRAINER_STATE} is unreadable ({exc})"
+    files = state.get("files") if isinstance(state, dict) else None
+    for name, want in (files or {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != want["size"]:
+            return f"{name} has {size} bytes, {want['size']} were written"
+        if deep and sha256_of(file) != want["sha256"]:
+            return f"{name} does not match its recorded sha256"
+    return None
+
+
+def sha256_of(path: Path) -> str:
+    """sha256 of one file (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str], *, verify: bool = False, deep: bool = True
+                      ) -> Path | None:
+    """The newest complete checkpoint of a run, or None.
+
+    With ``verify``, each candidate's files are checked against the sizes and (with ``deep``) sha256 recorded
+    when it was written (:func:`checkpoint_problem`); a damaged one is reported by path (a warning) and the
+    previous complete checkpoint is returned instead.
+    """
     root = Path(run_dir) / CKPT_DIR
+    found = list_checkpoints(run_dir)
     pointer = root / LATEST
-    if pointer.is_file():
+    if pointer.is_file():  # normally the newest; the pointer wins if the listing disagrees
         candidate = root / pointer.read_text(encoding="utf-8").strip()
         if (candidate / TRAINER_STATE).is_file():
+            found = [p for p in found if p.name != candidate.name] + [candidate]
+    for candidate in reversed(found):
+        problem = checkpoint_problem(candidate, deep=deep) if verify else None
+        if problem is None:
             return candidate
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+        warnings.warn(f"checkpoint {candidate} is damaged ({problem}); using the one before it", stacklevel=2)
+    return None
 
 
 def mark_latest(run_dir: str | os.PathLike[str], name: str) -> None:
@@ -120,7 +177,7 @@ def find_checkpoint(path: str | os.PathLike[str]) -> Path:
     if (p / WEIGHTS).is_file() and (p / CONFIG).is_file():
         return p
     if (p / CKPT_DIR).is_dir():
-        latest = best_checkpoint(p) or latest_checkpoint(p)
+        latest = best_checkpoint(p) or latest_checkpoint(p, verify=True, deep=False)
         if latest is not None:
             return latest
         raise CheckpointError(f"run {p} has no complete checkpoint yet; resume it with "

@@ -7,6 +7,8 @@ offending value and the fix. The CLI prints that line and exits with :attr:`Evlp
 
 from __future__ import annotations
 
+import re
+
 
 class EvlpError(Exception):
     """Base class of all deliberate evlp errors (exit code 1)."""
@@ -43,3 +45,37 @@ class DataNotFoundError(EvlpError):
 
 class CheckpointError(EvlpError):
     """A checkpoint or run folder is missing, incomplete or does not match the model (exit code 1)."""
+
+
+_WORKER_HEADER = re.compile(r"Caught (?P<name>[\w.]+) in DataLoader worker process \d+\.\s*\n"
+                            r"Original Traceback \(most recent call last\):\n")
+_EXCEPTION_LINE = re.compile(r"(?P<name>[A-Za-z_][\w.]*)(?:: (?P<message>.*))?")
+
+
+def worker_message(message: str) -> str:
+    """The worker's own message of an exception that torch re-raised from a ``DataLoader`` worker.
+
+    torch re-raises a worker's exception in the main process as the same type, with the message
+    ``Caught X in DataLoader worker process N.`` + ``Original Traceback ...`` + the worker's traceback,
+    whose last entry is ``module.X: the real message``. This returns ``the real message`` (all of its
+    lines, if it has several); any other message is returned unchanged.
+    """
+    header = _WORKER_HEADER.search(message)
+    if header is None:
+        return message
+    lines = message[header.end():].splitlines()
+    # the traceback's last "Traceback (most recent call last):" block (chained exceptions come first);
+    # its frames are indented, the exception's own first line is not
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("Traceback (most recent call last):"):
+            lines = lines[i + 1:]
+            break
+    start = next((i for i, line in enumerate(lines) if line and not line[0].isspace()), None)
+    if start is None:
+        return message
+    first = _EXCEPTION_LINE.fullmatch(lines[start])
+    caught = header.group("name").rsplit(".", 1)[-1]
+    if first is None or first.group("name").rsplit(".", 1)[-1] != caught:
+        return "\n".join(lines[start:]).strip() or message
+    own = [first.group("message") or "", *lines[start + 1:]]
+    return "\n".join(own).strip() or caught

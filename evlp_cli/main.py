@@ -11,7 +11,7 @@ import sys
 import typer
 
 from evlp import __version__
-from evlp.errors import EvlpError
+from evlp.errors import EvlpError, worker_message
 from evlp_cli import config as config_cmd
 from evlp_cli import data, evaluate, finetune, model, pretrain, quickstart, sweep
 from evlp_cli import bench
@@ -52,7 +52,11 @@ app.command("export")(model.export)
 
 
 def main() -> None:
-    """Console entry point: run the app, map evlp errors to one red line and an exit code."""
+    """Console entry point: run the app, map evlp errors to one red line and an exit code.
+
+    An error raised in a ``DataLoader`` worker shows as the worker's own message, without the traceback
+    that torch adds to it (unless ``EVLP_DEBUG=1``).
+    """
     debug = os.environ.get("EVLP_DEBUG", "") not in ("", "0")
     if not debug:
         import warnings
@@ -70,7 +74,7 @@ def main() -> None:
             raise
         from evlp_cli import _render
 
-        _render.error(str(exc))
+        _render.error(worker_message(str(exc)))  # an error in a DataLoader worker: its own message only
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         from evlp_cli import _render
@@ -82,7 +86,7 @@ def main() -> None:
             raise
         from evlp_cli import _render
 
-        _render.error(f"{type(exc).__name__}: {exc} (run with EVLP_DEBUG=1 for the traceback)")
+        _render.error(f"{type(exc).__name__}: {worker_message(str(exc))} (run with EVLP_DEBUG=1 for the traceback)")
         sys.exit(1)
 
 

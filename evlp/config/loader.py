@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import tempfile
 import types
@@ -163,16 +164,46 @@ class _Bad(Exception):
     pass
 
 
+class _NotFinite(Exception):
+    """A float setting (or a float inside a list/tuple setting) is NaN or infinite."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(value)
+        self.value = value
+        self.index: list[int] = []  # positions inside nested lists/tuples, outermost first
+
+
 def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
     try:
         return _convert(value, tp)
+    except _NotFinite as exc:  # never silently accepted as another type of a union (e.g. a string)
+        where = path + "".join(f"[{i}]" for i in exc.index)
+        inside = f" (in {_shown(value)})" if exc.index else ""
+        problems.append(f"{where}: must be a finite number, got {exc.value}{inside}; "
+                        "NaN and infinity are not valid settings, give a real value")
+        return None
     except _Bad:
-        shown = repr(value) if not isinstance(value, str) else f"'{value}'"
         hint = ""
         if get_origin(tp) is Literal and isinstance(value, str):
             hint = did_you_mean(value, tuple(str(a) for a in get_args(tp)))
-        problems.append(f"{path}: expected {_type_name(tp)}, got {shown}{hint}")
+        problems.append(f"{path}: expected {_type_name(tp)}, got {_shown(value)}{hint}")
         return None
+
+
+def _shown(value: Any) -> str:
+    return repr(value) if not isinstance(value, str) else f"'{value}'"
+
+
+def _items(values: Any, types_: Any) -> list[Any]:
+    """Convert list/tuple items, recording the position of a non-finite float."""
+    out = []
+    for i, (v, t) in enumerate(zip(values, types_)):
+        try:
+            out.append(_convert(v, t))
+        except _NotFinite as exc:
+            exc.index.insert(0, i)
+            raise
+    return out
 
 
 def _convert(value: Any, tp: Any) -> Any:  # noqa: C901 - one branch per supported type
@@ -205,12 +236,12 @@ def _convert(value: Any, tp: Any) -> Any:  # noqa: C901 - one branch per support
         if not isinstance(value, (list, tuple)):
             raise _Bad
         if origin is list:
-            return [_convert(v, args[0] if args else Any) for v in value]
+            return _items(value, [args[0] if args else Any] * len(value))
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0]) for v in value)
+            return tuple(_items(value, [args[0]] * len(value)))
         if args and len(value) != len(args):
             raise _Bad
-        return tuple(_convert(v, a) for v, a in zip(value, args or [Any] * len(value)))
+        return tuple(_items(value, args or [Any] * len(value)))
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -238,13 +269,20 @@ def _convert(value: Any, tp: Any) -> Any:  # noqa: C901 - one branch per support
         if isinstance(value, bool):
             raise _Bad
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:  # an int beyond float's range
+                number = math.inf if value > 0 else -math.inf
+        elif isinstance(value, str):
+            try:
+                number = float(value)
             except ValueError:
                 raise _Bad from None
-        raise _Bad
+        else:
+            raise _Bad
+        if not math.isfinite(number):  # nan, inf, .inf, 1e999 ...: every float setting must be a real number
+            raise _NotFinite(number)
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -261,13 +299,17 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML mapping (an empty file is ``{}``).
 
     Raises:
-        ConfigError: the file is missing, unparsable, or not a mapping.
+        ConfigError: the file is missing, not UTF-8, unparsable, or not a mapping.
     """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start:exc.start + 4]
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte offset {exc.start}: {bad!r}); "
+                          "save it as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""

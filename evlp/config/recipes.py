@@ -29,7 +29,7 @@ def recipe_dir() -> Path:
 
 
 def _description(path: Path) -> str:
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():  # read_yaml reports bad bytes
         line = line.strip()
         if line.startswith("#"):
             return line.lstrip("#").strip()

@@ -2,7 +2,8 @@
 
 Each epoch draws a seeded permutation (identical on every rank), splits it over ranks like
 ``DistributedSampler`` with ``drop_last`` (every rank gets the same number of batches), and cuts it into
-batches. The position is (epoch, batches consumed), so a checkpoint resumes exactly where it stopped.
+batches. The position is (epoch, batches consumed), so a checkpoint resumes exactly where it stopped, and each
+sample's augmentation is seeded by (seed, epoch, index), so it does not depend on the DataLoader's workers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from evlp.data.seeding import close_loader, loader_generator, quiet_worker, seeded
 from evlp.errors import ConfigError
 
 
@@ -26,14 +28,31 @@ def rank_batches(n: int, *, batch_size: int, rank: int, world_size: int, seed: i
 
 
 class _Batches(torch.utils.data.Sampler):
-    def __init__(self, batches: list[list[int]]) -> None:
-        self.batches = batches
+    """Index batches of one epoch, each index tagged with the epoch for :class:`_Seeded`."""
 
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches)
+    def __init__(self, batches: list[list[int]], epoch: int) -> None:
+        self.batches, self.epoch = batches, epoch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return ([(self.epoch, i) for i in batch] for batch in self.batches)
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+class _Seeded(torch.utils.data.Dataset):
+    """``dataset[i]`` with its augmentation randomness a function of (seed, epoch, i) (evlp.data.seeding)."""
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        epoch, index = item
+        with seeded(self.seed, epoch, index):
+            return self.dataset[index]
 
 
 class EpochBatches:
@@ -74,9 +93,14 @@ class EpochBatches:
             batches = rank_batches(len(self.dataset), batch_size=self.batch_size, rank=self.rank,
                                    world_size=self.world_size, seed=self.seed, epoch=self.epoch)
             loader = torch.utils.data.DataLoader(
-                self.dataset, batch_sampler=_Batches(batches[self.batch:]), collate_fn=self.collate_fn,
-                num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
-            for batch in loader:
-                self.batch += 1
-                yield batch
+                _Seeded(self.dataset, self.seed), batch_sampler=_Batches(batches[self.batch:], self.epoch),
+                collate_fn=self.collate_fn, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                worker_init_fn=quiet_worker, generator=loader_generator(self.seed))
+            batches = iter(loader)
+            try:
+                for batch in batches:
+                    self.batch += 1
+                    yield batch
+            finally:
+                close_loader(batches)
             self.epoch, self.batch = self.epoch + 1, 0

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from evlp.data.seeding import close_loader, loader_generator, quiet_worker
 from evlp.data.shards import ShardStream, StreamTracker
 from evlp.data.tokenize import CaptionTokenizer
 from evlp.data.transforms import load_rgb
@@ -92,7 +93,12 @@ class PairBatches:
         loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=quiet_worker, generator=loader_generator(self.seed),
         )
-        for batch in loader:
-            self.tracker.update(batch.pop("_pos"))
-            yield batch
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                self.tracker.update(batch.pop("_pos"))
+                yield batch
+        finally:
+            close_loader(batches)

@@ -23,6 +23,7 @@ import numpy as np
 import torch.utils.data
 from braceexpand import braceexpand
 
+from evlp.data.seeding import seeded
 from evlp.errors import ConfigError, DataNotFoundError
 
 IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp"})
@@ -255,9 +256,9 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _epoch_items(
         self, epoch: int, g: int, n_global: int, start: int
-    ) -> Iterator[tuple[int, int, ShardSample]]:
-        """Yield (items consumed after this one, shard index, sample) for global worker ``g``'s
-        share of ``epoch``, beginning after its first ``start`` items."""
+    ) -> Iterator[tuple[int, int, int, ShardSample]]:
+        """Yield (items consumed after this one, shard index, sample index in the shard, sample) for global
+        worker ``g``'s share of ``epoch``, beginning after its first ``start`` items."""
         n = len(self.shards)
         order = np.random.default_rng([self.seed, epoch]).permutation(n)
         consumed = 0
@@ -270,7 +271,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 perm = np.random.default_rng([self.seed, epoch, i]).permutation(length)
                 index = self._index(i)
                 for j in range(start - consumed if start > consumed else 0, length):
-                    yield consumed + j + 1, i, index[int(perm[j])]
+                    yield consumed + j + 1, i, int(perm[j]), index[int(perm[j])]
                 consumed += length
             return
         # sample-level split: item k of the whole epoch stream goes to global worker k % n_global
@@ -293,9 +294,10 @@ class ShardStream(torch.utils.data.IterableDataset):
             for j in local:
                 consumed += 1
                 if consumed > start:
-                    yield consumed, i, index[int(perm[j])]
+                    yield consumed, i, int(perm[j]), index[int(perm[j])]
 
-    def _decode(self, handle: Any, sample: ShardSample) -> Any | None:
+    def _decode(self, handle: Any, sample: ShardSample, key: tuple[int, ...]) -> Any | None:
+        """Read and decode one sample; its augmentation randomness is seeded by ``key`` (see evlp.data.seeding)."""
         if not IMAGE_EXTS.intersection(sample.members):
             return None
         data: dict[str, bytes] = {}
@@ -305,7 +307,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             if len(data[ext]) != size:
                 return None  # the file shrank since it was indexed
         try:
-            return self.decode(data, sample.key)
+            with seeded(*key):
+                return self.decode(data, sample.key)
         except SKIP_ERRORS:
             return None
 
@@ -320,12 +323,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         try:
             while True:
                 decoded = 0
-                for consumed, i, sample in self._epoch_items(epoch, g, n_global, offset):
+                for consumed, i, k, sample in self._epoch_items(epoch, g, n_global, offset):
                     if i != open_shard:
                         if handle is not None:
                             handle.close()
                         handle, open_shard = open(self.shards[i], "rb"), i
-                    item = self._decode(handle, sample)
+                    item = self._decode(handle, sample, (self.seed, epoch, i, k))
                     if item is None:
                         skipped += 1
                         continue

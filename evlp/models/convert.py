@@ -2,9 +2,9 @@
 
 Each converter renames the original keys to the module's names and drops what the module does not
 have (decoders, EMA copies, MIM heads); :func:`load_converted` then loads strictly, so a checkpoint
-that does not fit the configured sizes fails with one line naming the first offending key. Foreign
-files are always read with ``weights_only=True``: a file that pickles other objects is refused with
-the exact global that blocked it and a one-liner to extract its weights, never loaded unsafely.
+that does not fit the configured sizes fails with one line naming the first offending key. Every
+``torch.save`` file evlp reads goes through :func:`load_tensors`, which loads tensors only: a file that
+pickles code or other Python objects is refused (naming the global that blocked it), never unpickled.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -49,8 +50,8 @@ def load_foreign_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         parameter name -> tensor.
 
     Raises:
-        CheckpointError: the file is missing or unreadable, pickles objects that safe loading refuses,
-            or holds no flat name -> tensor mapping.
+        CheckpointError: the file is missing or unreadable, holds code or pickled objects (see
+            :func:`load_tensors`), or holds no flat name -> tensor mapping.
     """
     p = Path(path)
     if not p.is_file():
@@ -62,24 +63,37 @@ def load_foreign_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             return dict(load_file(str(p), device="cpu"))
         except Exception as exc:  # safetensors raises its own SafetensorError
             raise CheckpointError(f"{p} is not a readable safetensors file ({exc}); re-download it") from None
+    return _unwrap(load_tensors(p), p)
+
+
+def load_tensors(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` of a file that holds only tensors (and plain containers, numbers and strings).
+
+    The file is never unpickled beyond that (``weights_only=True``): code or pickled Python objects in it
+    are refused, not run. Every ``torch.save`` file evlp reads goes through here.
+
+    Raises:
+        CheckpointError: the file holds code or pickled objects (naming the first one and what to do
+            instead), or is not a readable torch file.
+    """
+    p = Path(path)
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        return torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         blocked = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        if blocked is None:
-            raise CheckpointError(f"{p} is not a readable torch checkpoint ({_first_line(exc)}); "
-                                  "re-download it") from None
-        out = p.with_name(p.stem + ".weights.pt")
-        fix = (f"python -c \"import torch; c = torch.load({str(p)!r}, weights_only=False); "
-               f"torch.save(c.get('model', c), {str(out)!r})\"")
+        if blocked is None:  # not a pickle the tensor-only reader understands; torch's text is not shown
+            operand = re.search(r"Unsupported operand \d+", str(exc))
+            why = operand.group(0).lower() if operand else "not a torch tensor file"
+            raise CheckpointError(f"{p} is not a readable torch checkpoint ({why}); re-download it, or get "
+                                  "the safetensors release of these weights") from None
         raise CheckpointError(
-            f"{p} pickles {blocked.group(1)}, which safe loading (weights_only=True) refuses; if you trust "
-            f"the file, extract its weights once with `{fix}` and point the checkpoint setting "
-            f"(model.image.checkpoint / model.teacher.checkpoint) at {out}") from None
+            f"{p} holds code or pickled Python objects (first: {blocked.group(1)}), which evlp never "
+            "unpickles: it loads only tensors; get the safetensors or plain state-dict release of these "
+            "weights, or re-save only the tensors (a name -> tensor dict) in an environment you trust "
+            "and point evlp at that file") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{p} is not a readable torch checkpoint ({_first_line(exc)}); "
                               "re-download it") from None
-    return _unwrap(obj, p)
 
 
 def convert_data2vec2_image(state: Mapping[str, Tensor], depth: int) -> dict[str, Tensor]:
@@ -257,4 +271,6 @@ def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+    if not text or "weights_only" in text[0]:  # torch's advice to load unsafely is never passed on
+        return type(exc).__name__
+    return text[0][:200]

@@ -3,29 +3,29 @@
 
 A fine-tuning entry point reads like::
 
-    config_text = start_run(cfg, resume=resume, fixed=("task",))
-    run = fit(task, cfg.optim, cfg.train, cfg.out, resume=resume, files={CONFIG: task.checkpoint_config()})
-    return finish_run(run, lambda ckpt: [...EvalResults of ckpt...])
+    with open_run(cfg, resume=resume, fixed=("task",)) as start:   # lock, checks; nothing written yet
+        run = fit(task, cfg.optim, cfg.train, cfg.out, resume_from=start.resume_from,
+                  files={CONFIG: task.checkpoint_config()}, records=start.records)
+        return finish_run(run, lambda ckpt: [...EvalResults of ckpt...])
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evlp.checkpoint import CONFIG, write_json
-from evlp.config.loader import dump_yaml, to_dict, write_atomic
+from evlp.checkpoint import write_json
+from evlp.config.loader import dump_yaml, to_dict
 from evlp.eval.results import EvalResult
 from evlp.train.loop import RunResult
-from evlp.train.runs import check_run_dir, env_record, is_main_process
+from evlp.train.runs import is_main_process, open_run
 
-__all__ = ["FinetuneResult", "check_run_dir", "checkpoint_config", "env_record", "eval_path", "final_checkpoint",
-           "finish_run", "is_main_process", "start_run", "write_summary"]
+__all__ = ["FinetuneResult", "checkpoint_config", "eval_path", "final_checkpoint", "finish_run", "is_main_process",
+           "open_run", "write_summary"]
 
-ENV = "env.json"
 SUMMARY = "summary.json"
 EVAL_DIR = "eval"
 
@@ -42,26 +42,6 @@ class FinetuneResult:
 
     run: RunResult
     results: list[EvalResult] = field(default_factory=list)
-
-
-def start_run(cfg: Any, *, resume: bool, fixed: Iterable[str] = ()) -> str:
-    """Check the run folder (:func:`check_run_dir`), then write ``RUN/config.yaml`` (the resolved config, from
-    which the run can be reproduced or resumed) and ``RUN/env.json`` on the main process.
-
-    Returns:
-        The resolved config as YAML text.
-
-    Raises:
-        ConfigError: see :func:`check_run_dir`.
-    """
-    check_run_dir(cfg, resume, fixed)
-    text = dump_yaml(cfg)
-    if is_main_process():
-        run_dir = Path(cfg.out)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / CONFIG, text)
-        write_json(run_dir / ENV, env_record())
-    return text
 
 
 def checkpoint_config(model: Any, finetune: Any, **sections: Any) -> str:
@@ -93,7 +73,7 @@ def write_summary(result: FinetuneResult) -> None:
         "peak_lr": run.peak_lr, "metrics": run.metrics, "best_metric": run.best_metric,
         "best_checkpoint": str(run.best_checkpoint) if run.best_checkpoint else None,
         "checkpoint": str(run.checkpoint) if run.checkpoint else None, "validations": run.validations,
-        "resumed_from": run.resumed_from,
+        "resumed_from": run.resumed_from, "notes": run.notes,
         "results": [{"dataset": r.dataset, "split": r.split, "metrics": r.metrics, "path": r.path}
                     for r in result.results],
     })

@@ -40,17 +40,10 @@ from evlp.config.schema import TextTowerConfig
 from evlp.data.layouts import GLUE_TASKS
 from evlp.data.loader import EpochBatches
 from evlp.dist import DistInfo, gather_objects, shard_range
-from evlp.errors import ConfigError, DataNotFoundError
+from evlp.errors import CheckpointError, ConfigError, DataNotFoundError
 from evlp.eval.glue_metrics import glue_metrics
 from evlp.eval.results import EvalResult, checkpoint_config_hash
-from evlp.train.finetune_common import (
-    EVAL_DIR,
-    FinetuneResult,
-    check_run_dir,
-    checkpoint_config,
-    finish_run,
-    start_run,
-)
+from evlp.train.finetune_common import EVAL_DIR, FinetuneResult, checkpoint_config, finish_run, open_run
 from evlp.train.loop import fit
 from evlp.train.task import Progress, TaskBase
 
@@ -156,7 +149,9 @@ def _read_pooler(file: Path) -> dict[str, Tensor] | None:
             keys = list(fh.keys())
             found = {s: next((k for k in keys if k.endswith("pooler." + s)), None) for s in POOLER_KEYS}
             return {s: fh.get_tensor(k) for s, k in found.items()} if all(found.values()) else None
-    state = torch.load(str(file), map_location="cpu", weights_only=True)
+    from evlp.models.convert import load_tensors
+
+    state = load_tensors(file)  # tensors only: a file of pickled objects is refused with a CheckpointError
     found = {s: next((k for k in state if k.endswith("pooler." + s)), None) for s in POOLER_KEYS}
     return {s: state[k].clone() for s, k in found.items()} if all(found.values()) else None
 
@@ -193,7 +188,10 @@ def source_pooler(text_cfg: TextTowerConfig, width: int) -> tuple[dict[str, Tens
                 continue
     for file in files:
         if file.is_file():
-            state = _read_pooler(file)
+            try:
+                state = _read_pooler(file)
+            except CheckpointError as exc:  # e.g. pickled objects, refused: the caller falls back to random
+                return None, str(exc)
             if state is None:
                 return None, f"'{name}' has no pooler weights ({file})"
             if tuple(state["dense.weight"].shape) != (width, width):
@@ -438,11 +436,10 @@ def finetune_glue(cfg: GlueConfig, *, resume: bool = False, stop_after: int | No
         ConfigError: bad settings, or a run folder that conflicts with ``resume``.
         CheckpointError, DataNotFoundError: missing pretrained model or GLUE data.
     """
-    run_dir, fixed = Path(cfg.out), ("task", "max_length")
-    check_run_dir(cfg, resume, fixed)  # before loading anything
-    task = GlueTask(cfg)
-    start_run(cfg, resume=resume, fixed=fixed)
-    run = fit(task, cfg.optim, cfg.train, run_dir, resume=resume, stop_after=stop_after,
-              files={CONFIG: task.checkpoint_config()}, progress=progress)
-    return finish_run(run, lambda ckpt: evaluate_glue(ckpt, cfg.data_root, out_dir=run_dir / EVAL_DIR,
-                                                      batch_size=cfg.eval_batch_size))
+    run_dir = Path(cfg.out)
+    with open_run(cfg, resume=resume, fixed=("task", "max_length")) as start:
+        task = GlueTask(cfg)
+        run = fit(task, cfg.optim, cfg.train, run_dir, resume_from=start.resume_from, stop_after=stop_after,
+                  files={CONFIG: task.checkpoint_config()}, records=start.records, progress=progress)
+        return finish_run(run, lambda ckpt: evaluate_glue(ckpt, cfg.data_root, out_dir=run_dir / EVAL_DIR,
+                                                          batch_size=cfg.eval_batch_size))

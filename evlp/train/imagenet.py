@@ -36,7 +36,7 @@ from evlp.data.loader import EpochBatches
 from evlp.dist import DistInfo, gather_objects, shard_range
 from evlp.errors import CheckpointError, ConfigError, DataNotFoundError
 from evlp.eval.results import EvalResult, checkpoint_config_hash
-from evlp.train.finetune_common import FinetuneResult, checkpoint_config, eval_path, finish_run, start_run
+from evlp.train.finetune_common import FinetuneResult, checkpoint_config, eval_path, finish_run, open_run
 from evlp.train.loop import fit
 from evlp.train.task import Progress, TaskBase
 
@@ -508,11 +508,11 @@ def finetune_imagenet(cfg: ImageNetConfig, *, resume: bool = False, stop_after: 
         CheckpointError, DataNotFoundError: missing pretrained model or images.
     """
     run_dir = Path(cfg.out)
-    task = ImageNetTask(cfg)
-    start_run(cfg, resume=resume, fixed=("dataset", "linear", "pool", "img_size"))
-    run = fit(task, cfg.optim, cfg.train, run_dir, resume=resume, stop_after=stop_after,
-              files={CONFIG: task.checkpoint_config()}, progress=progress)
-    name = f"{TASK}-linear" if cfg.linear else TASK
-    return finish_run(run, lambda ckpt: [evaluate_imagenet(
-        ckpt, cfg.data_root, dataset=cfg.dataset, out=eval_path(run_dir, name, cfg.dataset, "val"),
-        batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers)])
+    with open_run(cfg, resume=resume, fixed=("dataset", "linear", "pool", "img_size")) as start:
+        task = ImageNetTask(cfg)
+        run = fit(task, cfg.optim, cfg.train, run_dir, resume_from=start.resume_from, stop_after=stop_after,
+                  files={CONFIG: task.checkpoint_config()}, records=start.records, progress=progress)
+        name = f"{TASK}-linear" if cfg.linear else TASK
+        return finish_run(run, lambda ckpt: [evaluate_imagenet(
+            ckpt, cfg.data_root, dataset=cfg.dataset, out=eval_path(run_dir, name, cfg.dataset, "val"),
+            batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers)])

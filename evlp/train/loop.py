@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
 import os
-import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -13,32 +11,27 @@ from typing import Any
 
 import torch
 
-from evlp.checkpoint import (
-    CKPT_DIR,
-    TRAINER_STATE,
-    append_jsonl,
-    best_checkpoint,
-    checkpoint_name,
-    latest_checkpoint,
-    mark_best,
-    mark_latest,
-    prune_checkpoints,
-    read_json,
-    write_json,
-)
+from evlp.checkpoint import CKPT_DIR, append_jsonl, best_checkpoint, checkpoint_name, latest_checkpoint, mark_best, step_of
+from evlp.config.loader import write_atomic
 from evlp.config.schema import OptimConfig, TrainConfig
 from evlp.dist import DistInfo
-from evlp.errors import CheckpointError, ConfigError, EvlpError
+from evlp.errors import ConfigError
+from evlp.train.guard import (
+    STOP_SIGNALS,
+    Control,
+    NonFinite,
+    RunInterrupted,
+    StopSignals,
+    TrainingDivergedError,
+    weights_finite,
+)
 from evlp.train.optim import build_optimizer, build_scheduler, peak_lr, warmup_steps
+from evlp.train.state import Checkpointer, changes, schedule_record, set_schedule_position, trim_metrics
 from evlp.train.task import Progress, Task
 
-SCHEDULER_STATE = "scheduler.pt"
-TASK_STATE = "task_state.safetensors"
+__all__ = ["RunInterrupted", "RunResult", "TrainingDivergedError", "fit", "resolve_precision"]
+
 METRICS = "metrics.jsonl"
-
-
-class TrainingDivergedError(EvlpError):
-    """The loss became NaN or infinite."""
 
 
 @dataclass
@@ -64,6 +57,8 @@ class RunResult:
     skipped_samples: int = 0
     eval: Any = None
     """An :class:`~evlp.eval.results.EvalResult` when the run evaluated itself."""
+    notes: list[str] = field(default_factory=list)
+    """What the run reported besides figures (e.g. the settings a resume changed and how they apply)."""
 
 
 def resolve_precision(precision: str) -> str:
@@ -84,77 +79,16 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _trim_metrics(path: Path, last_step: int) -> None:
-    """Drop log lines written after ``last_step`` (they will be logged again after a resume)."""
-    import json
-
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    from evlp.config.loader import write_atomic
-
-    write_atomic(path, "".join(line + "\n" for line in keep))
-
-
-class _Checkpointer:
-    """Writes checkpoints atomically: every rank writes into ``step_N.tmp``, then rank 0 renames it."""
-
-    def __init__(self, accelerator: Any, task: Task, run_dir: Path, scheduler: Any, keep: int,
-                 files: dict[str, str]) -> None:
-        self.acc, self.task, self.run_dir, self.scheduler, self.keep = accelerator, task, run_dir, scheduler, keep
-        self.files = files  # extra text files (name -> content) copied into every checkpoint
-
-    def save(self, step: int, state: dict[str, Any]) -> Path:
-        from safetensors.torch import save_file
-
-        acc = self.acc
-        final = self.run_dir / CKPT_DIR / checkpoint_name(step)
-        tmp = final.with_name(final.name + ".tmp")
-        if acc.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)
-        write_json(tmp / f"data_state_rank{acc.process_index}.json", self.task.data_state())
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            torch.save(self.scheduler.state_dict(), tmp / SCHEDULER_STATE)
-            task_state = {k: v.detach().contiguous().cpu() for k, v in self.task.state_dict().items()}
-            if task_state:
-                save_file(task_state, str(tmp / TASK_STATE))
-            for name, text in self.files.items():
-                (tmp / name).write_text(text, encoding="utf-8")
-            self.task.save_artifacts(tmp)
-            write_json(tmp / TRAINER_STATE, state)  # written last: its presence marks a complete folder
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            mark_latest(self.run_dir, final.name)
-            prune_checkpoints(self.run_dir, self.keep)
-        acc.wait_for_everyone()
-        return final
-
-    def load(self, ckpt: Path) -> dict[str, Any]:
-        from safetensors.torch import load_file
-
-        self.acc.load_state(str(ckpt))
-        self.scheduler.load_state_dict(torch.load(ckpt / SCHEDULER_STATE, weights_only=True))
-        if (ckpt / TASK_STATE).is_file():
-            self.task.load_state_dict(load_file(str(ckpt / TASK_STATE)))
-        state = read_json(ckpt / TRAINER_STATE)
-        state["data_state"] = read_json(ckpt / f"data_state_rank{self.acc.process_index}.json")
-        return state
-
-
 def fit(
     task: Task,
     optim: OptimConfig,
     train: TrainConfig,
     run_dir: str | os.PathLike[str],
     *,
-    resume: bool = False,
+    resume_from: Path | None = None,
     stop_after: int | None = None,
     files: dict[str, str] | None = None,
+    records: dict[str, str] | None = None,
     progress: Progress | None = None,
 ) -> RunResult:
     """Train ``task`` and write checkpoints and ``metrics.jsonl`` into ``run_dir``.
@@ -164,15 +98,19 @@ def fit(
         optim: optimizer and schedule settings.
         train: batch, length, precision, logging and checkpoint settings.
         run_dir: the run folder.
-        resume: continue from the run's latest checkpoint (model, optimizer, scheduler, RNG, task state
-            and data position).
+        resume_from: continue from this checkpoint (model, optimizer, RNG, task state and data position); the
+            LR schedule and optimizer settings are this call's, continued from the checkpoint's step.
         stop_after: end this invocation once this many optimizer steps are done (with a checkpoint), keeping
-            the schedule of the whole run, e.g. to fit a cluster time limit; continue later with ``resume``.
+            the schedule of the whole run, e.g. to fit a cluster time limit; continue later with a resume.
         files: text files to place into every checkpoint (e.g. ``config.yaml``).
+        records: text files written into ``run_dir`` once setup and any resume succeeded (``config.yaml``,
+            ``env.json``), so a failed resume leaves the folder as it was.
         progress: receives progress on the main process.
 
     Raises:
-        CheckpointError: ``resume`` without a checkpoint to resume from.
+        TrainingDivergedError: the loss or the weights became NaN/inf (no checkpoint of them is written).
+        RunInterrupted: SIGTERM/SIGINT/SIGUSR1 ended the run after a checkpoint.
+        CheckpointError: a checkpoint could not be written (full disk) or loaded.
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import set_seed
@@ -192,141 +130,264 @@ def fit(
     if launched != dist.world_size:
         raise ConfigError(f"the launcher started {launched} processes but accelerate set up {dist.world_size}; "
                           "check `accelerate config` / the launch flags (--multi_gpu, --num_processes)")
-    torch.set_float32_matmul_precision(train.matmul_precision)
-    set_seed(train.seed)  # identical initialisation on every rank (teacher included)
-    module = task.build_module()
-    task.to(accelerator.device)
+    control = Control(dist.world_size)
+    try:
+        with StopSignals() as signals:
+            return _Run(task, optim, train, run_dir, accelerator, dist, control, signals, progress).run(
+                resume_from, stop_after, files or {}, records or {}, set_seed)
+    finally:
+        control.close()
+        accelerator.end_training()
 
-    global_batch = train.batch_size * dist.world_size * train.grad_accum
-    steps_per_epoch = max(1, task.samples_per_epoch() // global_batch)
-    total = train.max_steps or train.epochs * steps_per_epoch
-    lr = peak_lr(optim, global_batch)
-    groups = task.param_groups(module, optim) if callable(getattr(task, "param_groups", None)) else None
-    optimizer = build_optimizer(module, optim, lr, groups=groups)
-    scheduler = build_scheduler(optimizer, optim, total)
-    module, optimizer = accelerator.prepare(module, optimizer)
-    ckpt = _Checkpointer(accelerator, task, run_dir, scheduler, train.keep_checkpoints, files or {})
 
-    step, samples, elapsed, data_state, resumed_from = 0, 0, 0.0, None, None
-    best: float | None = None
-    validations: list[dict[str, float]] = []
-    monitor = getattr(task, "monitor", None)
-    maximize = getattr(task, "monitor_mode", "max") == "max"
-    validates = callable(getattr(task, "evaluate", None))
-    eval_every = train.eval_every or steps_per_epoch
-    if resume:
-        latest = latest_checkpoint(run_dir)
-        if latest is None:
-            raise CheckpointError(f"nothing to resume in {run_dir}: it has no complete checkpoint; "
-                                  "start it without --resume")
-        state = ckpt.load(latest)
-        step, samples, elapsed = state["step"], state["samples"], state.get("seconds", 0.0)
-        data_state, resumed_from, best = state["data_state"], step, state.get("best_metric")
-    else:
-        set_seed(train.seed + dist.rank)  # augmentation and dropout differ per rank
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            _trim_metrics(run_dir / METRICS, step)
+class _DataStopped(Exception):
+    """The data stream ended because a stop signal reached its workers."""
+
+
+class _Run:
+    """One invocation of :func:`fit`, in named steps: setup, resume, one optimisation step, logging,
+    validation, checkpointing, stopping."""
+
+    def __init__(self, task: Task, optim: OptimConfig, train: TrainConfig, run_dir: Path, accelerator: Any,
+                 dist: DistInfo, control: Control, signals: StopSignals, progress: Progress | None) -> None:
+        self.task, self.optim, self.train, self.run_dir = task, optim, train, run_dir
+        self.acc, self.dist, self.control, self.signals = accelerator, dist, control, signals
+        self.progress = progress if accelerator.is_main_process else None
+        self.step = self.samples = 0
+        self.elapsed = 0.0
+        self.best: float | None = None
+        self.validations: list[dict[str, float]] = []
+        self.last_metrics: dict[str, float] = {}
+        self.notes: list[str] = []
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self, set_seed: Any) -> None:
+        task, train, optim, dist = self.task, self.train, self.optim, self.dist
+        torch.set_float32_matmul_precision(train.matmul_precision)
+        set_seed(train.seed)  # identical initialisation on every rank (teacher included)
+        module = task.build_module()
+        task.to(self.acc.device)
+        self.global_batch = train.batch_size * dist.world_size * train.grad_accum
+        self.steps_per_epoch = max(1, task.samples_per_epoch() // self.global_batch)
+        self.total = train.max_steps or train.epochs * self.steps_per_epoch
+        self.lr = peak_lr(optim, self.global_batch)
+        groups = task.param_groups(module, optim) if callable(getattr(task, "param_groups", None)) else None
+        optimizer = build_optimizer(module, optim, self.lr, groups=groups)
+        self.scheduler = build_scheduler(optimizer, optim, self.total)
+        self.fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        self.module, self.optimizer = self.acc.prepare(module, optimizer)
+        self.ckpt = Checkpointer(self.acc, task, self.run_dir, self.control, self.scheduler,
+                                 train.keep_checkpoints, self.files)
+        self.nonfinite = NonFinite(self.acc.device)
+        self.monitor = getattr(task, "monitor", None)
+        self.maximize = getattr(task, "monitor_mode", "max") == "max"
+        self.validates = callable(getattr(task, "evaluate", None))
+        self.eval_every = train.eval_every or self.steps_per_epoch
+
+    def _resume(self, ckpt: Path) -> dict | None:
+        state = self.ckpt.load(ckpt)
+        self.step, self.samples, self.elapsed = state["step"], state["samples"], state.get("seconds", 0.0)
+        self.best = state.get("best_metric")
+        lrs = set_schedule_position(self.optimizer, self.scheduler, self.fresh_groups, self.step)
+        saved = state.get("settings")
+        now = schedule_record(self.optim, self.train, self.total, self.lr)
+        changed = changes(saved, now) if saved else []
+        if changed:
+            self.notes.append(f"resumed at step {self.step} with changed settings: {'; '.join(changed)}; they "
+                              f"take effect from step {self.step + 1} (learning rate now {lrs[0]:.4g}, "
+                              f"{self.total} steps in all)")
+        return state["data_state"]
+
+    def _write_records(self, records: dict[str, str], resumed: bool) -> None:
+        if not self.acc.is_main_process:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in records.items():
+            write_atomic(self.run_dir / name, text)
+        if resumed:
+            trim_metrics(self.run_dir / METRICS, self.step)
         else:
-            (run_dir / METRICS).unlink(missing_ok=True)
+            (self.run_dir / METRICS).unlink(missing_ok=True)
 
-    if progress is not None and accelerator.is_main_process:
-        progress.message(
-            f"world size {dist.world_size} · {accelerator.device.type} · precision {precision} · "
-            f"global batch {global_batch} · peak lr {lr:.3g} · warmup {warmup_steps(optim, total)} · "
-            f"{steps_per_epoch} steps/epoch · {total} steps" + (f" · resumed at step {step}" if resume else ""))
-        progress.start(total, step, task.name)
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict[str, Any]:
+        return {"step": self.step, "samples": self.samples, "total_steps": self.total,
+                "epoch": self.step / self.steps_per_epoch, "seconds": self.elapsed + time.perf_counter() - self.t0,
+                "world_size": self.dist.world_size, "global_batch": self.global_batch,
+                "metrics": self.last_metrics, "best_metric": self.best, "monitor": self.monitor,
+                "settings": schedule_record(self.optim, self.train, self.total, self.lr)}
 
-    batches = iter(task.train_batches(dist, data_state))
-    module.train()
-    window: dict[str, list[torch.Tensor]] = defaultdict(list)
-    last_metrics: dict[str, float] = {}
-    t_start, t_window, window_samples = time.perf_counter(), time.perf_counter(), 0
-    last_saved = step if resume else -1
-    def trainer_state() -> dict[str, Any]:  # reads the loop's current values
-        return {"step": step, "samples": samples, "total_steps": total, "epoch": step / steps_per_epoch,
-                "seconds": elapsed + time.perf_counter() - t_start, "world_size": dist.world_size,
-                "global_batch": global_batch, "metrics": last_metrics, "best_metric": best, "monitor": monitor}
+    def _check_finite(self, weights: bool) -> None:
+        """Stop with :class:`TrainingDivergedError` if any rank saw a non-finite loss (or, with ``weights``,
+        holds a non-finite parameter)."""
+        first = self.nonfinite.first_step()
+        bad_weights = weights and not weights_finite(self.module)
+        big = 1 << 62
+        any_bad, earliest, weights_bad = self.control.max(first >= 0, big - first if first >= 0 else 0, bad_weights)
+        if not (any_bad or weights_bad):
+            return
+        at = f"at step {big - earliest}" if any_bad else f"by step {self.step}"
+        what = "the loss became non-finite (NaN or inf)" if any_bad else "the weights became non-finite"
+        good = latest_checkpoint(self.run_dir)
+        lower = f"{self.optim.lr / 4:.3g}"
+        where = (f"the last good checkpoint is {good} (step {step_of(good)}); continue from it with a lower learning "
+                 f"rate: the same command with --resume optim.lr={lower}" if good is not None else
+                 f"no checkpoint was written before; start again with a lower learning rate (optim.lr={lower}) "
+                 "or optim.grad_clip=1.0")
+        raise TrainingDivergedError(f"{what} {at}; nothing after it is saved; {where}")
 
-    stop = min(total, stop_after) if stop_after else total
-    while step < stop:
-        batch = _to_device(next(batches), accelerator.device)
-        with accelerator.accumulate(module):
-            with accelerator.autocast():
-                loss, metrics = task.training_step(module, batch, dist)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and optim.grad_clip > 0:
-                accelerator.clip_grad_norm_(module.parameters(), optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        window["loss"].append(loss.detach())
+    def _save(self) -> Path:
+        self._check_finite(weights=True)
+        path = self.ckpt.save(self.step, self._state(), self.module)
+        self.last_saved = self.step
+        return path
+
+    # ------------------------------------------------------------------ one step
+    def _optimisation_step(self, batches: Any) -> bool:
+        """One micro-batch; True when it completed an optimizer step."""
+        acc, module = self.acc, self.module
+        try:
+            batch = _to_device(next(batches), acc.device)
+        except Exception:
+            # a stop signal that also reached the DataLoader's workers (a scheduler signalling every process)
+            # can end them while we wait for a batch: one process stops at its last completed step
+            if self.signals.requested and self.dist.world_size == 1:
+                raise _DataStopped from None
+            raise
+        with acc.accumulate(module):
+            with acc.autocast():
+                loss, metrics = self.task.training_step(module, batch, self.dist)
+            acc.backward(loss)
+            if acc.sync_gradients and self.optim.grad_clip > 0:
+                acc.clip_grad_norm_(module.parameters(), self.optim.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite.observe(loss, self.step + 1)
+        self.window["loss"].append(loss.detach())
         for k, v in metrics.items():
-            window[k].append(v.detach())
-        if not accelerator.sync_gradients:
-            continue
-        lr_used = scheduler.get_last_lr()[0]  # the LR of the step just taken
-        scheduler.step()
-        task.after_optimizer_step(accelerator.unwrap_model(module))
-        step += 1
-        samples += global_batch
-        window_samples += global_batch
+            self.window[k].append(v.detach())
+        if not acc.sync_gradients:
+            return False
+        self.lr_used = self.optimizer.param_groups[0]["lr"]  # the LR the step just taken used
+        self.scheduler.step()
+        self.task.after_optimizer_step(acc.unwrap_model(module))
+        self.step += 1
+        self.samples += self.global_batch
+        self.window_samples += self.global_batch
+        return True
 
-        if step % train.log_every == 0 or step == stop or step == 1:
-            names = sorted(window)
-            means = torch.stack([torch.stack(window[k]).float().mean() for k in names])
-            means = accelerator.reduce(means, reduction="mean")
-            now = time.perf_counter()
-            last_metrics = {k: float(v) for k, v in zip(names, means.tolist())}
-            if not math.isfinite(last_metrics["loss"]):
-                raise TrainingDivergedError(f"the loss is {last_metrics['loss']} at step {step}; lower optim.lr, "
-                                            "enable optim.grad_clip or check the data")
-            last_metrics.update(lr=lr_used, samples_per_s=window_samples / max(now - t_window, 1e-9))
-            window.clear()
-            t_window, window_samples = now, 0
-            if accelerator.is_main_process:
-                append_jsonl(run_dir / METRICS, {"step": step, "epoch": step / steps_per_epoch, "samples": samples,
-                                                 **last_metrics, "time": elapsed + now - t_start})
-                if progress is not None:
-                    progress.update(step, last_metrics)
-        elif progress is not None and accelerator.is_main_process:
-            progress.update(step, {})
+    def _log(self) -> None:
+        self._check_finite(weights=False)
+        names = sorted(self.window)
+        means = torch.stack([torch.stack(self.window[k]).float().mean() for k in names])
+        means = self.acc.reduce(means, reduction="mean")
+        now = time.perf_counter()
+        self.last_metrics = {k: float(v) for k, v in zip(names, means.tolist())}
+        self.last_metrics.update(lr=self.lr_used, samples_per_s=self.window_samples / max(now - self.t_window, 1e-9))
+        self.window.clear()
+        self.t_window, self.window_samples = now, 0
+        if self.acc.is_main_process:
+            append_jsonl(self.run_dir / METRICS, {"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                                                  "samples": self.samples, **self.last_metrics,
+                                                  "time": self.elapsed + now - self.t0})
+            if self.progress is not None:
+                self.progress.update(self.step, self.last_metrics)
 
-        if validates and (step % eval_every == 0 or step == total):
-            module.eval()
-            val = {k: float(v) for k, v in task.evaluate(accelerator.unwrap_model(module), dist).items()}
-            module.train()
-            validations.append({"step": step, **val})
-            improved = monitor is not None and monitor in val and (
-                best is None or (val[monitor] > best if maximize else val[monitor] < best))
-            if improved:
-                best = val[monitor]
-            if accelerator.is_main_process:
-                append_jsonl(run_dir / METRICS, {"step": step, **{f"val/{k}": v for k, v in val.items()}})
-                if progress is not None:
-                    shown = " · ".join(f"{k} {v:.4g}" for k, v in val.items())
-                    progress.message(f"step {step} validation: {shown}" + (" (best)" if improved else ""))
-            if improved:
-                saved = ckpt.save(step, trainer_state())
-                last_saved = step
-                if accelerator.is_main_process:
-                    mark_best(run_dir, saved.name)
-                accelerator.wait_for_everyone()
+    def _validate(self) -> None:
+        self.module.eval()
+        val = {k: float(v) for k, v in self.task.evaluate(self.acc.unwrap_model(self.module), self.dist).items()}
+        self.module.train()
+        self.validations.append({"step": self.step, **val})
+        improved = self.monitor is not None and self.monitor in val and (
+            self.best is None or (val[self.monitor] > self.best if self.maximize else val[self.monitor] < self.best))
+        if improved:
+            self.best = val[self.monitor]
+        if self.acc.is_main_process:
+            append_jsonl(self.run_dir / METRICS, {"step": self.step, **{f"val/{k}": v for k, v in val.items()}})
+            if self.progress is not None:
+                shown = " · ".join(f"{k} {v:.4g}" for k, v in val.items())
+                self.progress.message(f"step {self.step} validation: {shown}" + (" (best)" if improved else ""))
+        if improved:
+            saved = self._save()
+            if self.acc.is_main_process:
+                mark_best(self.run_dir, saved.name)
+            self.acc.wait_for_everyone()
 
-        if (step % train.ckpt_every == 0 or step == stop) and last_saved != step:
-            ckpt.save(step, trainer_state())
-            last_saved = step
+    def _stop_if_signalled(self) -> None:
+        code = self.control.max(self.signals.code)[0]
+        if not code:
+            return
+        name = StopSignals.name_of(code)
+        if self.last_saved != self.step:
+            self._save()
+        ckpt = self.run_dir / CKPT_DIR / checkpoint_name(self.step)
+        raise RunInterrupted(f"stopped by {name}: checkpoint at step {self.step} ({ckpt}); continue with --resume",
+                             STOP_SIGNALS[name])
 
-    seconds = time.perf_counter() - t_start
-    if progress is not None and accelerator.is_main_process:
-        progress.stop()
-    final = latest_checkpoint(run_dir) if last_saved >= 0 else None
-    trained = step - (resumed_from or 0)
-    accelerator.end_training()
-    return RunResult(
-        run_dir=run_dir, checkpoint=final, steps=step, total_steps=total, samples=samples,
-        seconds=elapsed + seconds, samples_per_s=trained * global_batch / max(seconds, 1e-9),
-        world_size=dist.world_size, precision=precision, peak_lr=lr, metrics=last_metrics,
-        best_metric=best, best_checkpoint=best_checkpoint(run_dir), validations=validations,
-        resumed_from=resumed_from, skipped_samples=getattr(task, "skipped_samples", 0),
-    )
+    # ------------------------------------------------------------------ the loop
+    def run(self, resume_from: Path | None, stop_after: int | None, files: dict[str, str],
+            records: dict[str, str], set_seed: Any) -> RunResult:
+        self.files = files
+        self._setup(set_seed)
+        data_state = self._resume(resume_from) if resume_from is not None else None
+        if resume_from is None:
+            set_seed(self.train.seed + self.dist.rank)  # augmentation and dropout differ per rank
+        self._write_records(records, resumed=resume_from is not None)
+        resumed_from = self.step if resume_from is not None else None
+        stop = min(self.total, stop_after) if stop_after else self.total
+        if self.progress is not None:
+            self.progress.message(
+                f"world size {self.dist.world_size} · {self.acc.device.type} · precision {self.acc.mixed_precision} · "
+                f"global batch {self.global_batch} · peak lr {self.lr:.3g} · "
+                f"warmup {warmup_steps(self.optim, self.total)} · {self.steps_per_epoch} steps/epoch · "
+                f"{self.total} steps" + (f" · resumed at step {self.step}" if resumed_from is not None else ""))
+            for note in self.notes:
+                self.progress.message(note)
+            self.progress.start(self.total, self.step, self.task.name)
+        try:
+            self._loop(data_state, stop, resumed_from)
+        finally:
+            if self.progress is not None:
+                self.progress.stop()
+        seconds = time.perf_counter() - self.t0
+        trained = self.step - (resumed_from or 0)
+        return RunResult(
+            run_dir=self.run_dir, checkpoint=latest_checkpoint(self.run_dir) if self.last_saved >= 0 else None,
+            steps=self.step, total_steps=self.total, samples=self.samples, seconds=self.elapsed + seconds,
+            samples_per_s=trained * self.global_batch / max(seconds, 1e-9), world_size=self.dist.world_size,
+            precision=self.acc.mixed_precision, peak_lr=self.lr, metrics=self.last_metrics, best_metric=self.best,
+            best_checkpoint=best_checkpoint(self.run_dir), validations=self.validations, resumed_from=resumed_from,
+            skipped_samples=getattr(self.task, "skipped_samples", 0), notes=self.notes)
+
+    def _loop(self, data_state: dict | None, stop: int, resumed_from: int | None) -> None:
+        batches = iter(self.task.train_batches(self.dist, data_state))
+        self.module.train()
+        self.window: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.t0 = self.t_window = time.perf_counter()
+        self.window_samples = 0
+        self.last_saved = self.step if resumed_from is not None else -1
+        try:
+            self._steps(batches, stop)
+        finally:
+            close = getattr(batches, "close", None)
+            if callable(close):
+                close()  # ends the data stream's worker processes now, inside the signal handling
+
+    def _steps(self, batches: Any, stop: int) -> None:
+        train = self.train
+        while self.step < stop:
+            try:
+                if not self._optimisation_step(batches):
+                    continue
+            except _DataStopped:
+                self._stop_if_signalled()
+            step = self.step
+            if step % train.log_every == 0 or step == stop or step == 1:
+                self._log()
+            elif self.progress is not None:
+                self.progress.update(step, {})
+            if self.validates and (step % self.eval_every == 0 or step == self.total):
+                self._validate()
+            if (step % train.ckpt_every == 0 or step == stop) and self.last_saved != step:
+                self._save()
+            self._stop_if_signalled()

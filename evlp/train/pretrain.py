@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evlp.checkpoint import CONFIG, TEXT_CONFIG, TOKENIZER, latest_checkpoint, read_json, write_json
-from evlp.config.loader import dump_yaml, from_dict, read_yaml, to_dict, write_atomic
+from evlp.checkpoint import CONFIG, TEXT_CONFIG, TOKENIZER, read_json, write_json
 from evlp.config.schema import PretrainConfig
 from evlp.data.pairs import PairBatches
 from evlp.data.shards import count_samples, expand_shards
@@ -25,7 +23,7 @@ from evlp.errors import ConfigError
 from evlp.losses import MemoryBank, clip_loss, kd_loss, total_loss, update_bank
 from evlp.models import build_model, build_teacher_of, resolve_model_config, resolve_weights
 from evlp.train.loop import RunResult, fit
-from evlp.train.runs import check_run_dir, env_record, is_main_process
+from evlp.train.runs import is_main_process, open_run
 from evlp.train.task import Progress
 
 class PretrainModule(nn.Module):
@@ -156,14 +154,8 @@ class PretrainTask:
 
 
 # ---------------------------------------------------------------------- entry point
-def _warn_schedule_change(cfg: PretrainConfig, run_dir: Path) -> None:
-    saved = to_dict(from_dict(PretrainConfig, read_yaml(run_dir / CONFIG), where=str(run_dir / CONFIG)))
-    now = to_dict(cfg)
-    schedule = [f"optim.{k}" for k in now["optim"] if now["optim"][k] != saved["optim"][k]]
-    schedule += [f"train.{k}" for k in ("epochs", "max_steps") if now["train"][k] != saved["train"][k]]
-    if schedule:
-        warnings.warn(f"--resume: {', '.join(schedule)} changed since the run started; the learning-rate "
-                      "schedule continues with the new values", stacklevel=3)
+PRETRAIN_FIXED = ("model", "loss.memory_bank_size", "loss.kd_learnable_temperature")
+"""What a resume of a pretraining run may not change (besides batch size, accumulation and seed)."""
 
 
 def pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int | None = None,
@@ -175,44 +167,37 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int | Non
     Runs on one CPU/GPU or, under ``accelerate launch`` / ``torchrun``, on every process of the job.
 
     Raises:
-        ConfigError: bad settings, or a run folder that conflicts with ``resume``.
+        ConfigError: bad settings, a run folder that conflicts with ``resume``, or one in use by another run.
         DataNotFoundError: no training shards.
     """
     run_dir = Path(cfg.out)
     cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model))
-    check_run_dir(cfg, resume, fixed=("model",))
-    if resume and (run_dir / CONFIG).is_file():
-        _warn_schedule_change(cfg, run_dir)
-    # fail before anything is written when a weights file is missing
-    if not resume:
-        resolve_weights(cfg.model.image.checkpoint, cfg.paths.models, "model.image")
-    if cfg.model.teacher.enabled and cfg.loss.kd_weight > 0:
-        resolve_weights(cfg.model.teacher.checkpoint, cfg.paths.models, "model.teacher")
-    task = PretrainTask(cfg, resume_from=latest_checkpoint(run_dir) if resume else None)
-    config_text = dump_yaml(cfg)
-    is_main = is_main_process()
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / CONFIG, config_text)
-        write_json(run_dir / "env.json", env_record())
-    result = fit(task, cfg.optim, cfg.train, run_dir, resume=resume, stop_after=stop_after,
-                 files={CONFIG: config_text}, progress=progress)
-    if is_main and cfg.data.val and result.checkpoint is not None and result.steps == result.total_steps:
-        from evlp.eval.runner import RetrievalEvalConfig, evaluate_retrieval
+    with open_run(cfg, resume=resume, fixed=PRETRAIN_FIXED) as start:
+        # fail before anything is written when a weights file is missing
+        if not resume:
+            resolve_weights(cfg.model.image.checkpoint, cfg.paths.models, "model.image")
+        if cfg.model.teacher.enabled and cfg.loss.kd_weight > 0:
+            resolve_weights(cfg.model.teacher.checkpoint, cfg.paths.models, "model.teacher")
+        task = PretrainTask(cfg, resume_from=start.resume_from)
+        result = fit(task, cfg.optim, cfg.train, run_dir, resume_from=start.resume_from, stop_after=stop_after,
+                     files={CONFIG: start.config_text}, records=start.records, progress=progress)
+        is_main = is_main_process()
+        if is_main and cfg.data.val and result.checkpoint is not None and result.steps == result.total_steps:
+            from evlp.eval.runner import RetrievalEvalConfig, evaluate_retrieval
 
-        val = Path(cfg.data.val)
-        val = val if val.is_absolute() else Path(cfg.data.root) / val
-        res = evaluate_retrieval(RetrievalEvalConfig(ckpt=str(result.checkpoint), data=str(val),
-                                                     split=cfg.data.val_split,
-                                                     out=str(run_dir / "eval" / "retrieval.json")))
-        result.eval = res
-    if is_main:
-        write_json(run_dir / "summary.json", {
-            "steps": result.steps, "total_steps": result.total_steps, "samples": result.samples,
-            "seconds": result.seconds, "samples_per_s": result.samples_per_s, "world_size": result.world_size,
-            "precision": result.precision, "peak_lr": result.peak_lr, "metrics": result.metrics,
-            "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-            "skipped_samples": result.skipped_samples, "resumed_from": result.resumed_from,
-            "eval": result.eval.to_json() if result.eval is not None else None,
-        })
+            val = Path(cfg.data.val)
+            val = val if val.is_absolute() else Path(cfg.data.root) / val
+            res = evaluate_retrieval(RetrievalEvalConfig(ckpt=str(result.checkpoint), data=str(val),
+                                                         split=cfg.data.val_split,
+                                                         out=str(run_dir / "eval" / "retrieval.json")))
+            result.eval = res
+        if is_main:
+            write_json(run_dir / "summary.json", {
+                "steps": result.steps, "total_steps": result.total_steps, "samples": result.samples,
+                "seconds": result.seconds, "samples_per_s": result.samples_per_s, "world_size": result.world_size,
+                "precision": result.precision, "peak_lr": result.peak_lr, "metrics": result.metrics,
+                "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+                "skipped_samples": result.skipped_samples, "resumed_from": result.resumed_from,
+                "notes": result.notes, "eval": result.eval.to_json() if result.eval is not None else None,
+            })
     return result

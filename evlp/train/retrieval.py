@@ -20,14 +20,7 @@ from evlp.dist import DistInfo, gather_objects, shard_range
 from evlp.eval.results import EvalResult
 from evlp.eval.retrieval import retrieval_metrics
 from evlp.losses import clip_loss
-from evlp.train.finetune_common import (
-    FinetuneResult,
-    check_run_dir,
-    checkpoint_config,
-    eval_path,
-    finish_run,
-    start_run,
-)
+from evlp.train.finetune_common import FinetuneResult, checkpoint_config, eval_path, finish_run, open_run
 from evlp.train.loop import fit
 from evlp.train.task import Progress, TaskBase
 
@@ -149,12 +142,7 @@ def finetune_retrieval(cfg: RetrievalFinetuneConfig, *, resume: bool = False, st
     """
     from evlp.eval.runner import RetrievalEvalConfig, evaluate_retrieval
 
-    run_dir, fixed = Path(cfg.out), ("dataset",)
-    check_run_dir(cfg, resume, fixed)  # before loading anything
-    task = RetrievalFinetuneTask(cfg)
-    start_run(cfg, resume=resume, fixed=fixed)
-    run = fit(task, cfg.optim, cfg.train, run_dir, resume=resume, stop_after=stop_after,
-              files={CONFIG: task.checkpoint_config()}, progress=progress)
+    run_dir = Path(cfg.out)
 
     def score(ckpt: Path) -> list[EvalResult]:
         return [evaluate_retrieval(RetrievalEvalConfig(
@@ -162,4 +150,8 @@ def finetune_retrieval(cfg: RetrievalFinetuneConfig, *, resume: bool = False, st
             out=str(eval_path(run_dir, "retrieval", cfg.dataset, cfg.test_split)), num_workers=0,
             batch_size=cfg.eval_batch_size))]
 
-    return finish_run(run, score)
+    with open_run(cfg, resume=resume, fixed=("dataset",)) as start:
+        task = RetrievalFinetuneTask(cfg)
+        run = fit(task, cfg.optim, cfg.train, run_dir, resume_from=start.resume_from, stop_after=stop_after,
+                  files={CONFIG: task.checkpoint_config()}, records=start.records, progress=progress)
+        return finish_run(run, score)

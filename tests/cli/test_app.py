@@ -7,7 +7,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from evlp.errors import ConfigError, DataNotFoundError, worker_message
 from tests.conftest import cli_env, run_cli
 
 
@@ -85,3 +87,64 @@ def test_config_list_and_show_resolve_recipes() -> None:
     resolved = yaml.safe_load(shown.stdout)
     assert resolved["train"]["batch_size"] == 7 and resolved["model"]["name"] == "s_smke_tiny"
     assert resolved["optim"]["betas"] == [0.9, 0.98]  # defaults filled in
+
+
+@pytest.mark.parametrize(("override", "key", "shown"), [("optim.lr=nan", "optim.lr", "nan"),
+                                                         ("loss.kd_temperature=inf", "loss.kd_temperature", "inf"),
+                                                         ("data.std=[0.2,.nan,0.2]", "data.std[1]", "nan")])
+def test_nan_or_infinite_setting_exits_2_naming_it(tmp_path, override: str, key: str, shown: str) -> None:
+    res = run_cli("pretrain", "--config", "tiny", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                  override)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    naming = [line for line in res.stderr.splitlines() if key.split("[")[0] in line]
+    assert len(naming) == 1 and f"{key}: must be a finite number, got {shown}" in naming[0], res.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def _broken_shards(root) -> None:
+    """Shards in img2dataset layout (KEY.jpg, KEY.txt) whose every image is garbage bytes."""
+    import io
+    import tarfile
+
+    (root / "train").mkdir(parents=True)
+    with tarfile.open(root / "train" / "00000.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(16):
+            for ext, data in (("jpg", b"\xff\xd8\xff\xe0 not a jpeg " + bytes([i]) * 64), ("txt", b"a red circle")):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_error_in_a_data_worker_is_one_line(tmp_path) -> None:
+    """A DataLoader worker's error reaches the user as the worker's own message, not torch's wrapped traceback."""
+    _broken_shards(tmp_path / "data")
+    args = ("pretrain", "--config", "tiny", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+            "data.num_workers=1", "train.max_steps=2", "train.batch_size=4", "data.val=null")
+    res = run_cli(*args, timeout=120)  # seconds normally; a process that outlives its error fails here
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "DataLoader worker" not in res.stderr, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: worker 0 of 1 decoded no sample in "), res.stderr
+    assert "check the shards' images" in errors[0]
+    assert res.stderr.strip().splitlines()[-1] == errors[0]  # nothing follows the one line
+
+
+class _Failing(torch.utils.data.IterableDataset):
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __iter__(self):
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc", [DataNotFoundError("no sample in shard x.tar — check it"), ValueError("bad: value"),
+                                 ConfigError("2 problems:\n  - a: no\n  - b: no")])
+def test_worker_message_is_the_workers_own_message(exc: BaseException) -> None:
+    """torch's re-raised worker exception (a real one, from a worker process) reduces to the original message."""
+    loader = torch.utils.data.DataLoader(_Failing(exc), batch_size=None, num_workers=1)
+    with pytest.raises(type(exc)) as info:
+        next(iter(loader))
+    wrapped = str(info.value)
+    assert "Original Traceback" in wrapped  # torch really wrapped it
+    assert worker_message(wrapped) == str(exc)
+    assert worker_message(str(exc)) == str(exc)  # any other message is unchanged

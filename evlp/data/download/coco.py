@@ -2,9 +2,11 @@
 
 Downloads ``train2014.zip``, ``val2014.zip`` and Karpathy's ``caption_datasets.zip`` into
 ``ROOT/coco/_downloads/`` (resuming with HTTP Range), extracts the images into ``ROOT/coco/train2014/``
-and ``ROOT/coco/val2014/``, writes Karpathy train + restval as shards (one sample per caption) and val
-+ test as ``karpathy.json``, and records everything in ``ROOT/coco/MANIFEST.json``. Every step is
-skipped on a re-run once it is complete, so an interrupted run picks up where it stopped.
+and ``ROOT/coco/val2014/`` (safely: an archive holding a link, a special file or an escaping member is
+refused; only members under ``train2014/`` or ``val2014/`` are written), writes Karpathy train + restval
+as shards (one sample per caption) and val + test as ``karpathy.json``, and records everything in
+``ROOT/coco/MANIFEST.json``. Every step is skipped on a re-run once it is complete, so an interrupted run
+picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from evlp.data.download.archive import safe_extract
+from evlp.data.download.archive import member_parts, safe_extract, write_text_atomic
 from evlp.data.download.karpathy_sets import (DOWNLOADS, KARPATHY_URL, Progress, archive_name,
                                               build_karpathy_dataset, check_options, delete_archives,
                                               extract_member, fetch, make_manifest, read_karpathy_json)
@@ -55,11 +57,12 @@ def _images(sources: CocoSources, folder: Path, downloads: Path, progress: Progr
         stage = f"extract {archive.name}"
         if progress is not None:
             progress(stage, 0, None)
-        written = safe_extract(archive, folder)
+        # every member is checked; only those under <name>/ are written (never _downloads/, shards, manifest)
+        written = safe_extract(archive, folder, keep=lambda n, top=name, a=archive: member_parts(n, a)[:1] == (top,))
         if not (folder / name).is_dir():
             raise DataNotFoundError(f"{archive} holds no {name}/ folder — check coco sources "
                                     f"({url}); delete the file to download it again.")
-        marker.write_text("ok\n", encoding="utf-8")
+        write_text_atomic(marker, "ok\n")
         if progress is not None:
             progress(stage, written, written)
     return zips
@@ -88,7 +91,7 @@ def download_coco(root: str | os.PathLike[str], *, sources: CocoSources | None =
         ConfigError: a bad ``image_size`` or ``shard_size``.
         DownloadError: an archive could not be fetched (re-run to resume).
         DataNotFoundError: an archive lacks what it should hold.
-        UnsafeArchiveError: an archive member would land outside ``root/coco``.
+        UnsafeArchiveError: an archive member is a link or a special file, or would land outside ``root/coco``.
     """
     check_options(image_size, shard_size)
     sources = sources or CocoSources()

@@ -118,7 +118,8 @@ def download_flickr(root: str | os.PathLike[str], *, archive: str | os.PathLike[
     Raises:
         DataNotFoundError: no archive (the message lists :data:`FLICKR_STEPS`), or a missing file.
         ConfigError: a bad ``image_size`` or ``shard_size``.
-        UnsafeArchiveError: an archive member would land outside ``root/flickr30k``.
+        UnsafeArchiveError: an archive member is a link or a special file, or would land outside
+            ``root/flickr30k`` (checked for every member, image or not, before anything is written).
     """
     check_options(image_size, shard_size)
     folder = Path(root) / "flickr30k"

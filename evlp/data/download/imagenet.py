@@ -10,9 +10,13 @@ Sources, in the order they are tried:
 HF's archives name every image ``<original stem>_<wnid>.JPEG`` (val: ``ILSVRC2012_val_XXXXXXXX_<wnid>.JPEG``);
 the wnid after the last underscore picks the class folder and the image gets its original name back
 (``n01440764_10026.JPEG``, ``ILSVRC2012_val_00000001.JPEG``). Archives are streamed once, member by member,
-with the checks of :mod:`evlp.data.download.archive` (no absolute or ``..`` paths, no links or devices),
-and each image is written under a temporary name and renamed. A marker in ``_downloads/`` records every
-finished archive, so a re-run skips it; an interrupted archive is streamed again, skipping complete files.
+with the checks of :mod:`evlp.data.download.archive` (:func:`~evlp.data.download.archive.check_tar_member`:
+no absolute or escaping paths, no links, devices or FIFOs; one such member refuses the archive). A stream
+cannot be checked ahead, so images before a refused member may already be written — always at
+``<split>/<wnid>/<name>``, a path evlp builds from the base name, never through a link — but no marker is.
+Each image is written under a temporary name and renamed (:func:`~evlp.data.download.archive.write_member`).
+A marker in ``_downloads/`` records every finished archive, so a re-run skips it; an interrupted archive is
+streamed again, skipping complete files.
 
 The class index is the standard ImageNet-1k order (sorted wnids, timm's ``ImageNetInfo``), written to
 ``ROOT/imagenet/classes.json``; wnid folders outside those 1000 are reported and left out.
@@ -25,7 +29,6 @@ import gzip
 import json
 import os
 import re
-import shutil
 import tarfile
 import warnings
 import zlib
@@ -33,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
-from evlp.data.download.archive import UnsafeArchiveError
+from evlp.data.download.archive import check_tar_member, is_complete, write_member, write_text_atomic
 from evlp.data.download.manifest import Manifest, now_iso, read_manifest, tool_versions, write_manifest
 from evlp.errors import DataNotFoundError
 
@@ -118,18 +121,6 @@ def _archive_split(archive: Path) -> str:
     return "val" if archive.name == _VAL_ARCHIVE else "train"
 
 
-def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
-    """Refuse (the whole archive) a member that could write outside the target or is not a plain entry."""
-    name = member.name
-    pure = PurePosixPath(name.replace("\\", "/"))
-    if not name or "\x00" in name or pure.is_absolute() or (len(name) > 1 and name[1] == ":") or ".." in pure.parts:
-        raise UnsafeArchiveError(f"{archive}: member '{name}' would be written outside the target; refusing the "
-                                 "archive (it may be malicious) — delete it and download it again")
-    if member.issym() or member.islnk() or member.isdev() or member.isfifo():
-        raise UnsafeArchiveError(f"{archive}: link or device member '{name}' refused (ImageNet archives hold only "
-                                 "image files) — delete it and download it again")
-
-
 def _class_and_name(base: str) -> tuple[str | None, str]:
     """``n01440764_10026_n01440764.JPEG`` -> (``n01440764``, ``n01440764_10026.JPEG``); wnid None if absent."""
     path = PurePosixPath(base)
@@ -137,14 +128,6 @@ def _class_and_name(base: str) -> tuple[str | None, str]:
     if not stem or not _WNID.match(wnid):
         return None, base
     return wnid, stem + path.suffix
-
-
-def _write_file(target: Path, src: Any) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.part")
-    with open(tmp, "wb") as out:
-        shutil.copyfileobj(src, out, 1 << 20)
-    os.replace(tmp, target)
 
 
 def _marker(folder: Path, archive: Path) -> Path:
@@ -166,10 +149,11 @@ def _extract_archive(archive: Path, folder: Path, known: set[str], progress: Pro
     failures: dict[str, int] = record["failures"]
     unknown: set[str] = set()
     stage = f"extract {archive.name}"
+    root = os.path.realpath(folder)
     try:
         with tarfile.open(archive, "r|*") as tf:
             for n, member in enumerate(tf, 1):
-                _check_member(member, archive)
+                check_tar_member(member, archive, root)  # links, devices, escaping paths: refuse the archive
                 if progress is not None and n % 1000 == 0:
                     progress(stage, n, None)
                 if not member.isfile():
@@ -189,13 +173,12 @@ def _extract_archive(archive: Path, folder: Path, known: set[str], progress: Pro
                     unknown.add(wnid)
                     continue
                 record["images"] += 1
-                target = folder / split / wnid / name
-                if target.is_file() and target.stat().st_size == member.size:
+                if is_complete(os.path.join(root, split, wnid, name), member.size):
                     continue  # written by an interrupted earlier run
                 src = tf.extractfile(member)
                 assert src is not None
                 with src:
-                    _write_file(target, src)
+                    write_member(root, (split, wnid, name), src, archive)
                 record["written"] += 1
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise DataNotFoundError(f"{archive} is damaged or incomplete ({exc}) — delete it and download it again "
@@ -204,9 +187,7 @@ def _extract_archive(archive: Path, folder: Path, known: set[str], progress: Pro
     if progress is not None:
         progress(stage, record["images"], record["images"])
     marker.parent.mkdir(parents=True, exist_ok=True)
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, marker)
+    write_text_atomic(marker, json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -336,7 +317,7 @@ def download_imagenet(root: str | Path, *, token: str | None = None, from_dir: s
     Raises:
         DataNotFoundError: offline, not logged in or the terms not accepted (hub); ``from_dir`` missing or
             holding neither layout; a damaged archive.
-        UnsafeArchiveError: an archive member with an absolute or ``..`` path, a link or a device.
+        UnsafeArchiveError: an archive member with an absolute or escaping path, a link, a device or a FIFO.
     """
     folder = Path(root) / "imagenet"
     classes = imagenet_classes()

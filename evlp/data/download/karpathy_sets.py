@@ -17,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import zipfile
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 
 from PIL import Image
 
+from evlp.data.download.archive import check_zip_member, write_atomic
 from evlp.data.download.http import download, file_digest
 from evlp.data.download.manifest import Manifest, now_iso, read_manifest, tool_versions
 from evlp.data.download.shardwriter import (EncodedImage, ShardSample, encode_image, remove_stale_shards,
@@ -81,8 +82,11 @@ def fetch(url: str, folder: Path, progress: Progress | None) -> Path:
 def extract_member(archive: Path, member: str, dest: Path) -> Path:
     """Copy the zip member whose base name is ``member`` to ``dest`` (atomically); skip when it exists.
 
+    Every entry of the zip is checked first, as by :func:`evlp.data.download.archive.safe_extract`.
+
     Raises:
         DataNotFoundError: the archive is missing, not a zip, or lacks the member.
+        UnsafeArchiveError: an entry is a link, a special file or a path leaving the target.
     """
     if dest.is_file():
         return dest
@@ -90,17 +94,17 @@ def extract_member(archive: Path, member: str, dest: Path) -> Path:
         raise DataNotFoundError(f"{archive} does not exist — pass the caption_datasets.zip that holds {member}.")
     try:
         with zipfile.ZipFile(archive) as zf:
-            info = next((m for m in zf.infolist()
-                         if not m.is_dir() and PurePosixPath(m.filename).name == member), None)
+            infos = zf.infolist()
+            for info in infos:
+                check_zip_member(info, archive)  # a link or an escaping entry refuses the whole zip
+            info = next((m for m in infos if not m.is_dir() and PurePosixPath(m.filename).name == member), None)
             if info is None:
                 raise DataNotFoundError(f"{archive} holds no {member} — pass Karpathy's caption_datasets.zip "
                                         f"or the {member} file itself.")
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-            with zf.open(info) as src, open(tmp, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
-            os.replace(tmp, dest)
-    except zipfile.BadZipFile as err:
+            with zf.open(info) as src:
+                write_atomic(dest, src)
+    except (zipfile.BadZipFile, EOFError, zlib.error) as err:
         raise DataNotFoundError(f"{archive} is not a readable zip ({err}) — delete it and run again to "
                                 "download it anew.") from err
     return dest

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
 from pathlib import Path
 
 import pytest
@@ -141,3 +144,93 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     again = load_config(PretrainConfig, str(tmp_path / "config.yaml"))
     assert again == cfg
     assert dump_yaml(again) == (tmp_path / "config.yaml").read_text()
+
+
+# --------------------------------------------------------------------------- non-finite numbers
+def _holds_float(tp: object) -> bool:
+    return tp is float or any(_holds_float(a) for a in typing.get_args(tp))
+
+
+def _float_settings(cls: type, prefix: str = "") -> list[tuple[str, object]]:
+    """Every setting of a schema whose type holds a float (plain, optional or inside a tuple/list), found by
+    walking the dataclasses: (dotted key, type)."""
+    out: list[tuple[str, object]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _float_settings(tp, f"{prefix}{f.name}.")
+        elif _holds_float(tp):
+            out.append((prefix + f.name, tp))
+    return out
+
+
+def _get(obj: object, key: str) -> object:
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _bad_value(default: object, bad: float) -> tuple[object, str]:
+    """The YAML value with ``bad`` in it (for a sequence, at its last position) and the key suffix naming it."""
+    if isinstance(default, (tuple, list)):
+        return [*default[:-1], bad], f"[{len(default) - 1}]"
+    return bad, ""
+
+
+@pytest.mark.parametrize("command", sorted(CONFIG_SCHEMAS))
+def test_every_float_setting_rejects_nan_and_infinity(command: str, tmp_path: Path) -> None:
+    schema = CONFIG_SCHEMAS[command]
+    base = [] if schema is PretrainConfig else ["ckpt=run"]
+    defaults = load_config(schema, None, base)
+    settings = _float_settings(schema)
+    assert len(settings) >= 5, settings  # the walk found the float settings (lr, betas, weight_decay ...)
+    for key, _ in settings:
+        for bad in (math.nan, math.inf, -math.inf):
+            value, suffix = _bad_value(_get(defaults, key), bad)
+            shown = "nan" if math.isnan(bad) else ("-inf" if bad < 0 else "inf")
+            # on the command line (a YAML scalar or flow list) ...
+            cli = f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+            # ... and in a YAML file
+            nested: dict = {}
+            node = nested
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+            recipe = tmp_path / "recipe.yaml"
+            recipe.write_text(yaml.safe_dump(nested))
+            for config, overrides in ((None, [*base, cli]), (str(recipe), base)):
+                with pytest.raises(ConfigError) as info:
+                    load_config(schema, config, overrides)
+                assert info.value.exit_code == 2
+                assert len(info.value.problems) == 1, (key, info.value.problems)
+                problem = info.value.problems[0]
+                assert problem.startswith(f"{key}{suffix}: must be a finite number, got {shown}"), problem
+        # the same setting given its (finite) default the same ways is accepted: the rejection is about NaN/inf
+        default = _get(defaults, key)
+        flow = yaml.safe_dump(list(default) if isinstance(default, tuple) else default, default_flow_style=True)
+        assert _get(load_config(schema, None, [*base, f"{key}={flow.strip().removesuffix('...').strip()}"]),
+                    key) == default
+
+
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-Infinity", "1e999", ".inf", "-.inf", ".nan"])
+def test_nan_and_infinity_spellings_are_all_rejected(text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(PretrainConfig, "tiny", [f"optim.lr={text}", "loss.kd_temperature=0.1"])
+    assert len(info.value.problems) == 1 and info.value.problems[0].startswith("optim.lr: must be a finite number")
+    assert f"got {float(yaml.safe_load(text))};" in info.value.problems[0]
+
+
+def test_non_utf8_config_file_is_one_clear_error(tmp_path: Path) -> None:
+    latin1 = tmp_path / "latin1.yaml"
+    text = "# recette légère\ntrain: {batch_size: 4}\n"
+    latin1.write_bytes(text.encode("latin-1"))
+    offset = text.encode("latin-1").index("é".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(PretrainConfig, str(latin1))
+    msg = str(info.value)
+    assert str(latin1) in msg and "UTF-8" in msg and f"byte offset {offset}" in msg and "\n" not in msg
+    assert info.value.exit_code == 2
+    latin1.write_bytes(text.encode("utf-8"))  # the same text as UTF-8 loads
+    assert load_config(PretrainConfig, str(latin1)).train.batch_size == 4

@@ -28,6 +28,9 @@ from evlp.eval.zeroshot import (
 )
 
 COLOURS = {"blue": (20, 40, 230), "green": (30, 200, 40), "red": (220, 30, 30)}
+MANY_COLOURS = {**COLOURS, "yellow": (230, 220, 30), "purple": (130, 30, 180), "orange": (240, 140, 20),
+                "white": (245, 245, 245), "black": (15, 15, 15)}
+"""More classes than 5, so that top-5 is not 100 by construction."""
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -212,22 +215,64 @@ def test_input_errors(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ROOT/val/{blue,green,red}/*.png, 4 images each."""
+    """ROOT/val/{black,blue,...,yellow}/*.png: 8 classes, 4 images each."""
     root = tmp_path_factory.mktemp("zs") / "colours"
-    make_folder(root / "val", COLOURS)
+    make_folder(root / "val", MANY_COLOURS)
     return root
+
+
+def independent_metrics(encoder, root: Path, names: list[str], templates: list[str]) -> dict[str, float]:
+    """Top-1/top-5 computed apart from evlp.eval.zeroshot: PIL images through encode_image, each class's
+    prototype as the renormalised mean of its normalised prompt embeddings, ranks by a brute-force sort."""
+    from evlp.data.transforms import load_rgb
+
+    folders = sorted(p.name for p in root.iterdir())
+    paths = sorted(root.glob("*/*.png"))
+    images = encoder.encode_image([load_rgb(p) for p in paths])
+    labels = [folders.index(p.parent.name) for p in paths]
+    protos = []
+    for name in names:
+        t = encoder.encode_text([template.replace("{c}", "{}").format(name) for template in templates])
+        t = t / t.norm(dim=-1, keepdim=True)
+        protos.append(t.mean(0) / t.mean(0).norm())
+    logits = 100 * images @ torch.stack(protos).T
+    return brute_force_topk(logits.tolist(), labels, (1, 5))
+
+
+def distinct(encoder):
+    """The tiny run's encoder plus a fixed signal per image colour and per prompt. A 3-step model alone ranks
+    every image alike (it puts all of them in one class), so its metrics could not tell a wrong class order
+    or a dropped template; with these signals every image and every prompt counts."""
+    import dataclasses
+
+    from evlp.api import Encoder
+
+    width = encoder.config.shared.width
+    colour = torch.randn(3, width, generator=torch.Generator().manual_seed(0))
+
+    class Distinct(Encoder):
+        def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+            return super().encode_pixels(pixels) + pixels.mean(dim=(2, 3)) @ colour
+
+        def encode_text(self, texts, batch_size: int = 256) -> torch.Tensor:
+            own = [torch.randn(width, generator=torch.Generator().manual_seed(zlib.crc32(t.encode()))) for t in texts]
+            return super().encode_text(texts, batch_size) + torch.stack(own)
+
+    return Distinct(**{f.name: getattr(encoder, f.name) for f in dataclasses.fields(encoder)})
 
 
 @pytest.fixture(scope="module")
 def encoder(tiny_run: Path):
     from evlp.api import load
 
-    return load(tiny_run, device="cpu")
+    return distinct(load(tiny_run, device="cpu"))
 
 
 def test_end_to_end_matches_an_independent_computation(tiny_run: Path, colours: Path, encoder, tmp_path: Path) -> None:
-    (tmp_path / "classes.txt").write_text("blue\ngreen\nred\n")
-    (tmp_path / "templates.txt").write_text("a photo of a {} square.\na {} picture.\n")
+    names = sorted(MANY_COLOURS)
+    templates = ["a photo of a {} square.", "a {} picture."]
+    (tmp_path / "classes.txt").write_text("".join(f"{n}\n" for n in names))
+    (tmp_path / "templates.txt").write_text("".join(f"{t}\n" for t in templates))
     cfg = ZeroShotConfig(ckpt=str(tiny_run), data=str(colours), classes=str(tmp_path / "classes.txt"),
                          templates=str(tmp_path / "templates.txt"), out=str(tmp_path / "zs.json"),
                          batch_size=5, num_workers=0, device="cpu")
@@ -235,40 +280,37 @@ def test_end_to_end_matches_an_independent_computation(tiny_run: Path, colours: 
 
     record = json.loads((tmp_path / "zs.json").read_text())
     assert record["task"] == "zeroshot" and record["dataset"] == "colours" and record["split"] == "val"
-    assert (record["n_images"], record["n_classes"], record["n_templates"]) == (12, 3, 2)
-    assert set(record["metrics"]) == {"top1", "top5"} and record["metrics"]["top5"] == 100.0
+    assert (record["n_images"], record["n_classes"], record["n_templates"]) == (32, 8, 2)
+    assert set(record["metrics"]) == {"top1", "top5"} and record["metrics"] == result.metrics
     assert record["config_hash"] and record["checkpoint"] == result.checkpoint
     assert record["protocol"]["templates"].endswith("templates.txt")
     assert record["protocol"]["classes"].endswith("classes.txt")
     assert record["protocol"]["image_size"] == encoder.config.image.img_size
 
-    # independently: PIL images through encode_image, prototypes by hand, argmax with first-max ties
-    from evlp.data.transforms import load_rgb
-
-    paths = sorted((colours / "val").glob("*/*.png"))
-    images = encoder.encode_image([load_rgb(p) for p in paths])
-    labels = torch.tensor([["blue", "green", "red"].index(p.parent.name) for p in paths])
-    protos = []
-    for name in ["blue", "green", "red"]:
-        t = encoder.encode_text([f"a photo of a {name} square.", f"a {name} picture."])
-        t = t / t.norm(dim=-1, keepdim=True)
-        protos.append(t.mean(0) / t.mean(0).norm())
-    logits = 100 * images @ torch.stack(protos).T
-    top1 = 100.0 * (logits.argmax(1) == labels).float().mean().item()
-    assert result.metrics["top1"] == pytest.approx(top1, abs=1e-3)
+    want = independent_metrics(encoder, colours / "val", names, templates)
+    assert result.metrics == pytest.approx(want, abs=1e-3)
 
 
-def test_end_to_end_defaults_load_the_checkpoint_and_write_into_the_run(tiny_run: Path, colours: Path) -> None:
+def test_end_to_end_defaults_load_the_checkpoint_and_write_into_the_run(tiny_run: Path, colours: Path, encoder,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import evlp.api
     from evlp.checkpoint import find_checkpoint
     from evlp.eval.runner import default_result_path
 
+    loaded = []
+    real_load = evlp.api.load
+    monkeypatch.setattr(evlp.api, "load", lambda *a, **k: loaded.append(a) or distinct(real_load(*a, **k)))
     cfg = ZeroShotConfig(ckpt=str(tiny_run), data=str(colours / "val"), batch_size=8, num_workers=0, device="cpu")
     result = evaluate_zeroshot(cfg)  # folder-name classes, 80 OpenAI templates
     path = default_result_path(find_checkpoint(tiny_run), "zeroshot", "colours", "val")
     assert result.path == str(path) and path.is_file()
     record = json.loads(path.read_text())
+    assert loaded == [(str(tiny_run),)]  # the runner loaded the checkpoint itself
     assert record["n_templates"] == 80 and record["protocol"]["classes"].startswith("folder names")
-    assert 0.0 <= record["metrics"]["top1"] <= 100.0
+    # the folder names as class names and the 80 OpenAI templates, computed independently (the fixture's
+    # encoder is the same checkpoint, loaded apart from the runner's own loading)
+    want = independent_metrics(encoder, colours / "val", sorted(MANY_COLOURS), imagenet_templates())
+    assert record["metrics"] == pytest.approx(want, abs=1e-3)
 
 
 def test_end_to_end_errors_before_loading(tiny_run: Path, colours: Path, tmp_path: Path) -> None:

@@ -323,16 +323,52 @@ class _Payload:
         return (_record_call, ("ran",))
 
 
+def _assert_refusal(msg: str, path: Path) -> None:
+    """The one message for a file of pickled objects: what it holds, that evlp loads tensors only, what to do
+    instead, and never the advice to load it unsafely."""
+    assert str(path) in msg and f"{__name__}._record_call" in msg and "\n" not in msg
+    assert "code or pickled Python objects" in msg and "never unpickles" in msg and "only tensors" in msg
+    assert "safetensors" in msg and "re-save only the tensors" in msg and "environment you trust" in msg
+    assert "weights_only" not in msg and "False" not in msg and "add_safe_globals" not in msg
+
+
 def test_pickled_objects_are_refused_not_loaded(tmp_path: Path) -> None:
     ckpt = _d2v_checkpoint()
     ckpt["cfg"] = _Payload()
     path = _save(ckpt, tmp_path / "base_imagenet.pt")
     with pytest.raises(CheckpointError) as err:
         load_data2vec2_image(_tower(), path, depth=2)
-    msg = str(err.value)
-    assert f"{__name__}._record_call" in msg and "weights_only" in msg and "\n" not in msg
-    assert "model.image.checkpoint" in msg and "base_imagenet.weights.pt" in msg
+    _assert_refusal(str(err.value), path)
     assert _CALLS == []
+    # the payload is real: an unsafe load would have run it (so the check above can fail)
+    torch.load(path, weights_only=False)
+    assert _CALLS == ["ran"]
+    _CALLS.clear()
+
+
+def test_every_torch_load_is_the_tensor_only_helper(tmp_path: Path) -> None:
+    """Every torch.save file evlp reads goes through load_tensors: the foreign-weights loader, GLUE's pretrained
+    pooler, and no other torch.load anywhere in the package."""
+    import re
+
+    import evlp
+    from evlp.config.schema import TextTowerConfig
+    from evlp.train.glue import source_pooler
+
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    path = _save({"bert.pooler.dense.weight": torch.zeros(4, 4), "bert.pooler.dense.bias": torch.zeros(4),
+                  "config": _Payload()}, folder / "pytorch_model.bin")
+    state, why = source_pooler(TextTowerConfig(name_or_path=str(folder)), 4)
+    assert state is None
+    _assert_refusal(why, path)
+    assert _CALLS == []
+
+    package = Path(evlp.__file__).parent
+    calls = {f"{py.relative_to(package)}:{n}" for py in package.rglob("*.py")
+             for n, line in enumerate(py.read_text(encoding="utf-8").splitlines(), 1)
+             if re.search(r"\btorch\.load\(", line)}
+    assert len(calls) == 1 and calls.pop().startswith("models/convert.py:"), calls
 
 
 def test_unreadable_file_is_a_checkpoint_error(tmp_path: Path) -> None:

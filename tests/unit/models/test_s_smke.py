@@ -124,7 +124,13 @@ def test_post_ln_block_matches_formula() -> None:
 def test_token_type_and_logit_scale_inits() -> None:
     cfg = _tiny()
     model = build_model(cfg)
-    torch.testing.assert_close(model.token_type_scale.gamma, torch.full((cfg.shared.width,), 1e-5))
+    # exact to float32 rounding: the default atol (1e-5) would accept anything in [0, 2e-5]
+    torch.testing.assert_close(model.token_type_scale.gamma.detach(),
+                               torch.full((cfg.shared.width,), cfg.tte_scale_init), rtol=1e-6, atol=0)
+    assert cfg.tte_scale_init == ModelConfig().tte_scale_init == 1e-5  # the paper's value is the default
+    other = from_dict(ModelConfig, {"name": "s_smke_tiny", "tte_scale_init": 3e-5})
+    torch.testing.assert_close(build_model(other).token_type_scale.gamma.detach(),
+                               torch.full((other.shared.width,), 3e-5), rtol=1e-6, atol=0)
     torch.testing.assert_close(model.logit_scales.detach(), torch.full((2,), math.log(1 / 0.07)))
     with torch.no_grad():
         model.logit_scales.copy_(torch.tensor([-1.0, 9.0]))

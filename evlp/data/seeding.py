@@ -1,0 +1,81 @@
+"""Augmentation randomness as a function of (seed, epoch, sample), never of worker or process state.
+
+torchvision and timm transforms draw from the global ``random``, ``numpy.random`` and torch CPU generators.
+In DataLoader workers those generators depend on how many samples the worker has produced since it
+started, so a run resumed from a checkpoint (fresh workers) would see other crops and flips than an
+uninterrupted one. :func:`seeded` reseeds the three generators from the sample's identity before its
+transform runs and restores them afterwards, so
+
+- every sample's augmentation is the same whatever the number of workers, processes or restarts, and
+- loading in the main process (``num_workers=0``) leaves the training loop's generators (dropout, mixup)
+  exactly as they were.
+
+Only the CPU torch generator is touched: CUDA generators (dropout on the GPU) belong to the loop.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+
+def sample_seed(*key: int) -> int:
+    """A 64-bit seed from a key of non-negative integers (e.g. ``(seed, epoch, shard, sample)``)."""
+    words = np.random.SeedSequence([int(k) for k in key]).generate_state(2, np.uint32)
+    return (int(words[0]) << 32) | int(words[1])
+
+
+@contextmanager
+def seeded(*key: int) -> Iterator[None]:
+    """Run the body with ``random``, ``numpy.random`` and torch's CPU generator seeded from ``key``; restore
+    all three afterwards."""
+    seed = sample_seed(*key)
+    saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.default_generator.set_state(saved[2])
+
+
+def loader_generator(seed: int) -> torch.Generator:
+    """A generator for ``DataLoader(generator=...)``: creating a loader iterator draws its base seed from it
+    instead of from the global torch generator, so (re)creating a loader never shifts the loop's randomness."""
+    return torch.Generator().manual_seed(int(seed))
+
+
+def quiet_worker(_: int) -> None:
+    """``worker_init_fn`` that keeps stop signals meant for the training process away from DataLoader workers.
+
+    A worker moves into a process group of its own, so a Ctrl-C at the terminal, or a signal a launcher or
+    scheduler sends to the training process's group, reaches only the training process, which finishes its
+    step and checkpoints while its workers keep serving it. Workers also ignore SIGINT and SIGUSR1. SIGTERM
+    keeps its default: it is how the DataLoader (and multiprocessing at exit) ends a worker that does not stop
+    by itself, so a worker that ignored it could hang its parent's exit.
+    """
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # not permitted here (e.g. a session leader): the ignored signals below still hold
+        pass
+    for name in ("SIGINT", "SIGUSR1"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def close_loader(iterator: object) -> None:
+    """Shut a DataLoader iterator's worker processes down now, rather than whenever the iterator is collected
+    (a traceback that holds it can keep the workers alive until exit)."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)  # what the iterator's own __del__ calls
+    if callable(shutdown):
+        shutdown()
