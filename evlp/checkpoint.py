@@ -21,7 +21,6 @@ An exported model folder (``evlp export``) holds only ``model.safetensors`` (stu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,10 +28,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from evlp.config.loader import write_atomic
 from evlp.errors import CheckpointError
+from evlp.io import append_jsonl, read_json, sha256_of, write_atomic, write_json  # noqa: F401 - re-exported
 
 CKPT_DIR = "checkpoints"
+EVAL_DIR = "eval"
 LATEST = "latest"
 BEST = "best"
 WEIGHTS = "model.safetensors"
@@ -97,15 +97,6 @@ def checkpoint_problem(ckpt: str | os.PathLike[str], *, deep: bool = True) -> st
         if deep and sha256_of(file) != want["sha256"]:
             return f"{name} does not match its recorded sha256"
     return None
-
-
-def sha256_of(path: Path) -> str:
-    """sha256 of one file (hex)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def latest_checkpoint(run_dir: str | os.PathLike[str], *, verify: bool = False, deep: bool = True
@@ -186,24 +177,19 @@ def find_checkpoint(path: str | os.PathLike[str]) -> Path:
                           f"{WEIGHTS} + {CONFIG})")
 
 
-def read_json(path: str | os.PathLike[str], default: Any = None) -> Any:
-    """Read a JSON file, or return ``default`` when it does not exist."""
-    p = Path(path)
-    if not p.is_file():
-        return default
-    return json.loads(p.read_text(encoding="utf-8"))
+def run_of(ckpt: str | os.PathLike[str]) -> Path:
+    """The run folder a checkpoint belongs to (an exported model folder is its own)."""
+    path = Path(ckpt)
+    return path.parent.parent if path.parent.name == CKPT_DIR else path
 
 
-def write_json(path: str | os.PathLike[str], data: Any) -> None:
-    """Write JSON atomically (indented, UTF-8)."""
-    write_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
-    """Append one JSON line (flushed) to a log file."""
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, default=float) + "\n")
-        fh.flush()
+def eval_path(run_dir: str | os.PathLike[str], task: str, dataset: str | None = None, split: str | None = None
+              ) -> Path:
+    """Where a run's evaluation result is written, the one rule for every command:
+    ``RUN/eval/<task>_<dataset>_<split>.json``, or ``RUN/eval/<task>.json`` for the validation a pretraining
+    run scores itself with."""
+    name = "_".join(p for p in (task, dataset, split) if p)
+    return Path(run_dir) / EVAL_DIR / f"{name}.json"
 
 
 def load_student_state_dict(ckpt: str | os.PathLike[str]) -> dict[str, Any]:

@@ -40,6 +40,12 @@ class DistInfo:
         return self.rank == 0
 
 
+def is_main_process() -> bool:
+    """True on global rank 0, or without a launcher: the one process that locks run folders, writes run records,
+    scores and renders. (Inside :func:`evlp.train.loop.fit` the accelerator's own flag says the same.)"""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def dist_info() -> DistInfo:
     """Read rank, world size and local rank from an initialised process group.
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evlp.checkpoint import TRAINER_STATE, latest_checkpoint, read_json
+from evlp.checkpoint import TRAINER_STATE, eval_path, latest_checkpoint, read_json
 
 QUICKSTART_TRAIN = 20000
 QUICKSTART_TEST = 250
@@ -58,7 +58,7 @@ def run_quickstart(out: str | os.PathLike[str], *, seed: int = 0, progress: Any 
         retrieval = pretrain(cfg, resume=latest is not None, progress=progress).eval
     if retrieval is None:
         retrieval = evaluate_retrieval(RetrievalEvalConfig(ckpt=str(run_dir), data=str(data / "test"),
-                                                           out=str(run_dir / "eval" / "retrieval.json")))
+                                                           out=str(eval_path(run_dir, "retrieval"))))
     m = retrieval.metrics
     return QuickstartResult(out=out, run_dir=run_dir, retrieval=retrieval, mean_r1=(m["tr1"] + m["ir1"]) / 2,
                             chance_r1=100.0 / retrieval.details["n_images"], seconds=time.perf_counter() - t0,

@@ -165,9 +165,19 @@ def synth_summary(result: Any) -> None:
 
 
 def quickstart_summary(result: Any) -> None:
-    retrieval_table(result.retrieval)
+    evaluation(result.retrieval)
     out.print(f"mean R@1 {result.mean_r1:.2f}% = {result.mean_r1 / result.chance_r1:.0f}x chance "
               f"({result.chance_r1:.2f}%) · total {result.seconds:.0f} s", highlight=False)
+
+
+def evaluation(res: Any) -> None:
+    """Any evaluation result, rendered by its type: retrieval as its TR/IR table, others as a metric table."""
+    from evlp.eval.results import RetrievalResult
+
+    if isinstance(res, RetrievalResult):
+        retrieval_table(res)
+    else:
+        result_table(res)
 
 
 def result_table(result: Any) -> None:

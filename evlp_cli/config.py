@@ -25,13 +25,13 @@ def list_configs() -> None:
 def show(
     name: str = typer.Argument(..., autocompletion=complete_recipes, help="Recipe name or YAML path."),
     overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Overrides to apply."),
-    command: str = typer.Option("pretrain", "--command", help="Which command's schema the recipe follows."),
+    command: Optional[str] = typer.Option(None, "--command", help="Which command's schema the recipe follows "
+                                          "(default: the folder the recipe ships in)."),
 ) -> None:
-    """The fully resolved config of a recipe (defaults + recipe + overrides), as YAML."""
-    from evlp.config import CONFIG_SCHEMAS, dump_yaml, load_config
-    from evlp.errors import ConfigError
+    """The fully resolved config of a recipe (defaults + recipe + overrides), as YAML; nothing is run."""
+    from evlp.config.recipes import show_recipe
     from evlp_cli import _render
 
-    if command not in CONFIG_SCHEMAS:
-        raise ConfigError(f"--command {command}: choose one of {', '.join(CONFIG_SCHEMAS)}")
-    _render.yaml_text(dump_yaml(load_config(CONFIG_SCHEMAS[command], name, overrides or [], command=command)))
+    cmd, text = show_recipe(name, overrides or [], command)
+    _render.info(f"# evlp {cmd if cmd == 'pretrain' else 'finetune ' + cmd} config")
+    _render.yaml_text(text)

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from evlp_cli._common import ROOT, data_option, resolve_data
 
 app = typer.Typer(help="Evaluate a checkpoint: COCO/Flickr retrieval R@K, ImageNet zero-shot.", no_args_is_help=True)
 
@@ -14,9 +15,8 @@ app = typer.Typer(help="Evaluate a checkpoint: COCO/Flickr retrieval R@K, ImageN
 @app.command("retrieval")
 def retrieval(
     ckpt: Path = typer.Option(..., "--ckpt", help="Run folder, checkpoint or exported model."),
-    data: Path = typer.Option(
-        ..., "--data", "-d", help="Karpathy-style index: folder or JSON (dataset_coco.json ...)."
-    ),
+    data: str = data_option("coco", "A Karpathy-style index: its folder (or the JSON, dataset_coco.json ...)"),
+    root: Optional[Path] = ROOT,
     split: str = typer.Option("test", "--split", help="Split of the index to evaluate."),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Result JSON (default: RUN/eval/retrieval_<data>_<split>.json)."
@@ -35,7 +35,7 @@ def retrieval(
     result = evaluate_retrieval(
         RetrievalEvalConfig(
             ckpt=str(ckpt),
-            data=str(data),
+            data=str(resolve_data(data, root)),
             split=split,
             out=str(out) if out else None,
             images_root=str(images_root) if images_root else None,
@@ -44,14 +44,14 @@ def retrieval(
             device=device,
         )
     )
-    _render.retrieval_table(result)
+    _render.evaluation(result)
 
 
 @app.command("zeroshot")
 def zeroshot(
     ckpt: Path = typer.Option(..., "--ckpt", help="Run folder, checkpoint or exported model."),
-    data: Path = typer.Option(..., "--data", "-d", help="ImageNet (a data root, ROOT/imagenet or its val/) or any "
-                              "ImageFolder."),
+    data: str = data_option("imagenet", "ImageNet or any ImageFolder (its folder, or its split folder)"),
+    root: Optional[Path] = ROOT,
     split: str = typer.Option("val", "--split", help="Split folder of the ImageFolder."),
     classes: Optional[Path] = typer.Option(None, "--classes", help="Class names: a file with one name per line "
                                            "(sorted folder order), a JSON list or a JSON {folder: name} map."),
@@ -67,7 +67,7 @@ def zeroshot(
     from evlp.eval.zeroshot import ZeroShotConfig, evaluate_zeroshot
     from evlp_cli import _render
 
-    _render.result_table(evaluate_zeroshot(ZeroShotConfig(
-        ckpt=str(ckpt), data=str(data), split=split, classes=str(classes) if classes else None,
+    _render.evaluation(evaluate_zeroshot(ZeroShotConfig(
+        ckpt=str(ckpt), data=str(resolve_data(data, root)), split=split, classes=str(classes) if classes else None,
         templates=str(templates) if templates else None, out=str(out) if out else None, batch_size=batch_size,
         num_workers=num_workers, device=device)))

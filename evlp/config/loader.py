@@ -10,15 +10,14 @@ import dataclasses
 import difflib
 import math
 import os
-import tempfile
 import types
-import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from evlp.errors import ConfigError
+from evlp.io import write_atomic
 from evlp.registry import did_you_mean
 
 T = TypeVar("T")
@@ -321,21 +320,6 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def write_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def dump_yaml(obj: Any) -> str:
     """A dataclass or dict as YAML text, keys in declaration order."""
     return yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=None, width=100)
@@ -382,7 +366,3 @@ def load_config(
     data = merge(data, parse_overrides(list(overrides)))
     return from_dict(cls, data, where=where)
 
-
-def hints_for(cls: type) -> dict[str, Any]:
-    """Resolved type hints of a dataclass (for help texts and completion)."""
-    return typing.get_type_hints(cls)

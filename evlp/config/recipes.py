@@ -71,3 +71,47 @@ def find_recipe(name: str, command: str | None = None) -> Path:
         f"config '{name}' is neither a file nor a shipped recipe{did_you_mean(base, names)}; "
         f"shipped: {', '.join(names) or 'none'} (see `evlp config list`)"
     )
+
+
+RUNTIME_INPUTS = {"ckpt": "<given with --ckpt>"}
+"""Settings a command takes at run time (no recipe holds them); shown as placeholders by :func:`show_recipe`."""
+
+
+def recipe_command(name: str, command: str | None = None) -> str:
+    """The command whose schema a recipe follows: ``command`` when given; the folder of a shipped recipe (the
+    pretraining one when several commands ship that name, as with ``tiny``); ``pretrain`` for other files.
+
+    Raises:
+        UnknownNameError: ``command`` is not a command with recipes.
+    """
+    from evlp.config import CONFIG_SCHEMAS
+
+    if command is not None:
+        if command not in CONFIG_SCHEMAS:
+            raise UnknownNameError(f"--command {command}: choose one of {', '.join(CONFIG_SCHEMAS)}"
+                                   f"{did_you_mean(command, list(CONFIG_SCHEMAS))}")
+        return command
+    path = find_recipe(name)
+    return path.parent.name if path.parent.name in CONFIG_SCHEMAS and path.parent == recipe_dir() / path.parent.name \
+        else "pretrain"
+
+
+def show_recipe(name: str, overrides: list[str] | tuple[str, ...] = (), command: str | None = None
+                ) -> tuple[str, str]:
+    """``(command, resolved YAML)`` of a recipe with overrides, without running anything; settings given only
+    at run time (``--ckpt``) are filled with placeholders instead of being demanded.
+
+    Raises:
+        ConfigError: unknown recipe or command, or bad overrides.
+    """
+    import dataclasses
+
+    from evlp.config import CONFIG_SCHEMAS
+    from evlp.config.loader import dump_yaml, load_config
+
+    cmd = recipe_command(name, command)
+    schema = CONFIG_SCHEMAS[cmd]
+    names = {f.name for f in dataclasses.fields(schema)}
+    given = {o.split("=", 1)[0] for o in overrides}
+    extra = {k: v for k, v in RUNTIME_INPUTS.items() if k in names and k not in given}
+    return cmd, dump_yaml(load_config(schema, name, list(overrides), command=cmd, extra=extra))

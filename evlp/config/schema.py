@@ -42,14 +42,24 @@ def augmentation_problems(p: str, crop_scale: tuple[float, float], hflip: float,
     return problems
 
 
-def _vit_problems(cfg: "ImageTowerConfig | TeacherConfig", p: str) -> list[str]:
-    """Checks shared by the ViT-shaped sections (image tower, teacher)."""
-    problems: list[str] = []
-    _positive(problems, p, img_size=cfg.img_size, patch_size=cfg.patch_size, width=cfg.width,
-              depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio)
-    _divides(problems, p, "img_size", cfg.img_size, "patch_size", cfg.patch_size)
-    _divides(problems, p, "width", cfg.width, "num_heads", cfg.num_heads)
-    return problems
+@dataclass
+class ViTShape:
+    """The shape fields (and their checks) of the ViT-shaped sections: the image tower and the teacher."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 6
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+
+    def shape_problems(self, p: str) -> list[str]:
+        problems: list[str] = []
+        _positive(problems, p, img_size=self.img_size, patch_size=self.patch_size, width=self.width,
+                  depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio)
+        _divides(problems, p, "img_size", self.img_size, "patch_size", self.patch_size)
+        _divides(problems, p, "width", self.width, "num_heads", self.num_heads)
+        return problems
 
 
 @dataclass
@@ -100,7 +110,7 @@ class TextTowerConfig:
 
 
 @dataclass
-class ImageTowerConfig:
+class ImageTowerConfig(ViTShape):
     """The image tower: ``data2vec2`` (Data2Vec2's ViT layout: post-LN blocks, pre-norm, position embedding
     without the CLS slot, truncated to ``depth`` blocks) or any timm model name (``vit_small_patch16_224``,
     ``resnet50`` ...; CNN feature maps become tokens with a pooled first token)."""
@@ -109,15 +119,9 @@ class ImageTowerConfig:
     checkpoint: str | None = "base_imagenet.pt"
     """Weights: fairseq's ``base_imagenet.pt`` for data2vec2, a timm state dict for timm models, or ``hub``
     (timm's pretrained download). Relative paths are under ``paths.models``. ``None`` = random init."""
-    img_size: int = 224
-    patch_size: int = 16
-    width: int = 768
-    depth: int = 6
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
 
     def validate(self, p: str = "model.image.") -> list[str]:
-        return _vit_problems(self, p)
+        return self.shape_problems(p)
 
 
 @dataclass
@@ -140,7 +144,7 @@ class SharedBlockConfig:
 
 
 @dataclass
-class TeacherConfig:
+class TeacherConfig(ViTShape):
     """The frozen image teacher: ``beitv2`` (BEiTv2's layout; target = the un-normalised CLS of the last
     block) or any timm model name (target = its pooled pre-logits feature)."""
 
@@ -149,16 +153,11 @@ class TeacherConfig:
     checkpoint: str | None = "beitv2_base_patch16_224_pt1k.pth"
     """Weights: unilm's BEiTv2 pretraining checkpoint, a timm state dict, or ``hub``. Relative paths are under
     ``paths.models``. ``None`` = random init."""
-    img_size: int = 224
-    patch_size: int = 16
-    width: int = 768
     depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
     layer_scale_init: float = 0.1
 
     def validate(self, p: str = "model.teacher.") -> list[str]:
-        return _vit_problems(self, p)
+        return self.shape_problems(p)
 
 
 @dataclass

@@ -12,6 +12,12 @@ A dataset folder is any known folder of :data:`evlp.data.layouts.DATASETS` or an
 
 :func:`data_info` only lists and counts (no image is decoded); :func:`verify_data` opens everything and
 compares the counts with the manifest.
+
+Why this module is long: ``info`` and ``verify`` share the discovery of a data root and the reading of each
+layout (the readers' own functions: :mod:`evlp.data.shards`, :mod:`evlp.data.karpathy`,
+:mod:`evlp.data.layouts`); verification adds one checker per layout (shards, Karpathy indexes, image
+folders, GLUE rows) on top of that shared part, and split apart each half would reach into the other's
+private helpers.
 """
 
 from __future__ import annotations
@@ -26,9 +32,21 @@ from pathlib import Path
 from typing import Any, Optional
 
 from evlp.data.download.manifest import MANIFEST
-from evlp.data.layouts import DATASETS, GLUE_TASKS, KARPATHY_INDEX
-from evlp.data.shards import IMAGE_EXTS, index_shard
-from evlp.errors import DataNotFoundError, UnknownNameError
+from evlp.data.karpathy import captions, image_path, index_entries, read_index
+from evlp.data.layouts import (
+    DATASETS,
+    GLUE_TASKS,
+    IMAGE_EXTENSIONS,
+    IMAGE_SUFFIXES,
+    IMAGENET_CLASSES_FILE,
+    IMAGENET_NUM_CLASSES,
+    KARPATHY_INDEX,
+    imagenet_wnids,
+    stats_successes,
+)
+from evlp.data.shards import count_samples, index_shard
+from evlp.errors import ConfigError, DataNotFoundError, UnknownNameError
+from evlp.io import read_json_object
 from evlp.registry import did_you_mean
 
 __all__ = ["DatasetInfo", "VerifyReport", "data_info", "verify_data"]
@@ -36,10 +54,9 @@ __all__ = ["DatasetInfo", "VerifyReport", "data_info", "verify_data"]
 Progress = Callable[[str, int, Optional[int]], None]
 """``progress(stage, done, total)``; total is None when unknown."""
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".tif", ".tiff"})
 _SPLIT_FOLDERS = ("train", "val", "validation", "test")
 _PROBLEMS_PER_KIND = 10  # problems listed per kind; the rest are summed up in one line
-_IMAGENET_CLASSES = 1000
+_INDEX_ERRORS = (OSError, ConfigError)  # an index that cannot be read or is not a Karpathy index
 
 
 @dataclass
@@ -108,16 +125,8 @@ def _has_class_folders(folder: Path) -> bool:
         return any(e.is_dir() and not e.name.startswith((".", "_")) for e in it)
 
 
-def _read_manifest(folder: Path) -> dict[str, Any] | None:
-    try:
-        raw = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return raw if isinstance(raw, dict) else None
-
-
 def _scan(name: str, folder: Path) -> _Found:
-    found = _Found(name, folder, manifest=_read_manifest(folder))
+    found = _Found(name, folder, manifest=read_json_object(folder / MANIFEST))
     tars = sorted(folder.glob("*.tar"))
     if tars:
         found.shards["train"] = tars
@@ -153,49 +162,22 @@ def _discover(root: Path) -> list[_Found]:
 
 
 # ---------------------------------------------------------------------- counting
-def _stats_successes(tar: Path) -> int | None:
-    try:
-        value = json.loads(tar.with_name(f"{tar.stem}_stats.json").read_text(encoding="utf-8"))["successes"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return value if isinstance(value, int) and value >= 0 else None
-
-
 def _manifest_samples(entry: dict[str, Any]) -> int | None:
     value = entry.get("samples", entry.get("captions"))
     return value if isinstance(value, int) else None
 
 
 def _shard_counts(tars: list[Path], manifest_entry: dict[str, Any]) -> dict[str, int]:
-    stats = [_stats_successes(t) for t in tars]
-    if all(s is not None for s in stats):
-        samples = sum(s for s in stats if s is not None)
-    elif all(s is None for s in stats) and _manifest_samples(manifest_entry) is not None:
+    if all(stats_successes(t) is None for t in tars) and _manifest_samples(manifest_entry) is not None:
         samples = _manifest_samples(manifest_entry) or 0
-    else:  # some shards lack stats: index just those (a header scan, no image data is read)
-        samples = sum(s if s is not None else len(index_shard(t)) for s, t in zip(stats, tars))
+    else:  # as training counts them: the stats files, indexing only the shards that lack one (headers only)
+        samples = count_samples(tars)
     return {"shards": len(tars), "samples": samples}
 
 
 def _load_index(path: Path) -> list[dict[str, Any]]:
-    raw = json.loads(path.read_text(encoding="utf-8"))
-    images = raw.get("images") if isinstance(raw, dict) else None
-    if not isinstance(images, list):
-        raise ValueError("no top-level 'images' list")
-    return [e for e in images if isinstance(e, dict)]
-
-
-def _captions(entry: dict[str, Any]) -> int:
-    return sum(1 for s in entry.get("sentences") or [] if isinstance(s, dict) and (s.get("raw") or s.get("tokens")))
-
-
-def _image_path(entry: dict[str, Any], root: Path) -> Path:
-    """Where :func:`evlp.data.karpathy.load_retrieval_index` looks for an entry's image."""
-    filename = str(entry.get("filename") or "")
-    if entry.get("filepath"):
-        return root / str(entry["filepath"]) / filename
-    direct, nested = root / filename, root / "flickr30k-images" / filename
-    return nested if not direct.exists() and nested.exists() else direct
+    """The image entries of a Karpathy index, parsed as the retrieval reader parses them."""
+    return index_entries(read_index(path))
 
 
 def _index_counts(path: Path) -> dict[str, dict[str, int]]:
@@ -204,7 +186,7 @@ def _index_counts(path: Path) -> dict[str, dict[str, int]]:
         split = str(entry.get("split") or path.parent.name)
         part = out.setdefault(split, {"images": 0, "captions": 0})
         part["images"] += 1
-        part["captions"] += _captions(entry)
+        part["captions"] += len(captions(entry))
     return out
 
 
@@ -218,15 +200,14 @@ def _class_dirs(split: Path) -> list[Path]:
 
 
 def _imagenet_classes(folder: Path) -> list[str]:
+    """The wnids of ``classes.json`` when it lists 1000, else the standard ImageNet-1k list."""
     try:
-        classes = json.loads((folder / "classes.json").read_text(encoding="utf-8"))
-        if isinstance(classes, list) and len(classes) == _IMAGENET_CLASSES:
+        classes = json.loads((folder / IMAGENET_CLASSES_FILE).read_text(encoding="utf-8"))
+        if isinstance(classes, list) and len(classes) == IMAGENET_NUM_CLASSES:
             return [str(c) for c in classes]
     except (OSError, ValueError):
         pass
-    from evlp.data.download.imagenet import imagenet_classes
-
-    return imagenet_classes()
+    return list(imagenet_wnids())
 
 
 def _disk_bytes(folder: Path) -> int:
@@ -269,12 +250,12 @@ def _expected_missing(found: _Found, splits: dict[str, dict[str, int]]) -> list[
         for split in ("train", "val"):
             if split not in found.image_folders:
                 missing.append(f"{split}/")
-            elif splits[split]["classes"] < _IMAGENET_CLASSES:
+            elif splits[split]["classes"] < IMAGENET_NUM_CLASSES:
                 classes = classes or set(_imagenet_classes(folder))
                 have = {p.name for p in _class_dirs(found.image_folders[split])}
-                missing.append(f"{split}: {len(classes - have)} of {_IMAGENET_CLASSES} classes")
-        if not (folder / "classes.json").is_file():
-            missing.append("classes.json")
+                missing.append(f"{split}: {len(classes - have)} of {IMAGENET_NUM_CLASSES} classes")
+        if not (folder / IMAGENET_CLASSES_FILE).is_file():
+            missing.append(IMAGENET_CLASSES_FILE)
     if name.startswith("glue/") and name[5:] in GLUE_TASKS:
         from evlp.data.download.glue import glue_splits
 
@@ -283,8 +264,8 @@ def _expected_missing(found: _Found, splits: dict[str, dict[str, int]]) -> list[
         missing.append("tasks (glue/<task>/)")
     for index in found.indexes:  # image folders the index points into
         try:
-            roots = {_image_path(e, index.parent).parent for e in _load_index(index)}
-        except (OSError, ValueError):
+            roots = {image_path(e, index.parent).parent for e in _load_index(index)}
+        except _INDEX_ERRORS:
             missing.append(f"{index.relative_to(folder)} (unreadable)")
             continue
         missing.extend(f"{r.relative_to(folder) if r.is_relative_to(folder) else r}/ (images of "
@@ -304,7 +285,7 @@ def _info(found: _Found) -> DatasetInfo:
         try:
             for split, part in _index_counts(index).items():
                 splits.setdefault(split, {}).update(part)
-        except (OSError, ValueError):
+        except _INDEX_ERRORS:
             pass  # reported as missing (unreadable)
     for split, folder in found.image_folders.items():
         dirs = _class_dirs(folder)
@@ -380,7 +361,7 @@ def _verify_shards(found: _Found, problems: _Problems, decode: bool, tick: Calla
                 index = index_shard(tar)
             for w in caught:
                 problems.add("damaged_shard", f"{tar.relative_to(found.path)}: {w.message}")
-            expected = _stats_successes(tar)
+            expected = stats_successes(tar)
             if expected is not None and expected != len(index):
                 problems.add("count", f"{tar.relative_to(found.path)}: {len(index)} samples, its stats file "
                                       f"says {expected}")
@@ -388,7 +369,7 @@ def _verify_shards(found: _Found, problems: _Problems, decode: bool, tick: Calla
             with open(tar, "rb") as fh:
                 for sample in index:
                     where = f"{tar.relative_to(found.path)}:{sample.key}"
-                    image_ext = next((e for e in sample.members if e in IMAGE_EXTS), None)
+                    image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample.members), None)
                     if image_ext is None:
                         problems.add("missing_image", f"{where}: no image member")
                     else:
@@ -423,17 +404,17 @@ def _verify_indexes(found: _Found, problems: _Problems, decode: bool, tick: Call
         rel = index.relative_to(found.path)
         try:
             entries = _load_index(index)
-        except (OSError, ValueError) as exc:
+        except _INDEX_ERRORS as exc:
             problems.add("bad_index", f"{rel}: {exc}")
             continue
         for entry in entries:
-            path = _image_path(entry, index.parent)
+            path = image_path(entry, index.parent)
             shown = path.relative_to(found.path) if path.is_relative_to(found.path) else path
             if not entry.get("filename"):
                 problems.add("bad_index", f"{rel}: an entry has no 'filename'")
             else:
                 _check_image(problems, path, shown, f"{shown} (listed in {rel})", decode)
-            if not _captions(entry):
+            if not captions(entry):
                 problems.add("no_caption", f"{entry.get('filename')} in {rel}")
             checked += 1
             tick()

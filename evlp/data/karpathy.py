@@ -5,6 +5,9 @@ Karpathy's ``dataset_coco.json`` / ``dataset_flickr30k.json`` list every image o
 its captions as ``sentences[*].raw``. :func:`synthesize` in :mod:`evlp.data.synth` writes the same
 layout to ``<out>/<split>/karpathy.json``. :func:`load_retrieval_index` turns one split of such a file
 into flat lists of image paths and captions, which is all the retrieval protocol needs.
+
+:func:`read_index`, :func:`index_entries`, :func:`image_path` and :func:`caption_items` are the one parser
+of this format: the retrieval reader, ``evlp data info|verify`` and the COCO / Flickr30K builders use them.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import Any
 
 from evlp.errors import ConfigError, DataNotFoundError
 
-__all__ = ["RetrievalIndex", "find_retrieval_index", "load_retrieval_index"]
+__all__ = ["RetrievalIndex", "caption_items", "captions", "find_retrieval_index", "image_path", "index_entries",
+           "load_retrieval_index", "read_index"]
 
 
 @dataclass
@@ -81,7 +85,13 @@ def find_retrieval_index(data: str | Path, split: str = "test") -> Path:
                             f"or {split}/karpathy.json there.")
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_index(path: Path) -> dict[str, Any]:
+    """Read a Karpathy-style JSON index (``dataset_*.json``, ``karpathy.json``) and check its shape.
+
+    Raises:
+        ConfigError: the file is not valid JSON, not UTF-8, or has no top-level ``images`` list.
+        OSError: the file cannot be read.
+    """
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -95,24 +105,43 @@ def _read(path: Path) -> dict[str, Any]:
     return raw
 
 
-def _image_path(entry: dict[str, Any], root: Path) -> Path:
-    filename = str(entry["filename"])
+def index_entries(raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """The image entries of an index read by :func:`read_index` (anything that is not an object is skipped)."""
+    return [e for e in raw["images"] if isinstance(e, dict)]
+
+
+def image_path(entry: dict[str, Any], root: Path) -> Path:
+    """Where an entry's image is: ``root/filepath/filename``, or without a ``filepath`` ``root/filename``
+    (falling back to ``root/flickr30k-images/filename``, the layout of the official Flickr30K archive)."""
+    filename = str(entry.get("filename") or "")
     if entry.get("filepath"):
         return root / str(entry["filepath"]) / filename
     direct = root / filename
-    nested = root / "flickr30k-images" / filename  # the layout of the official Flickr30K archive
+    nested = root / "flickr30k-images" / filename
     return nested if not direct.exists() and nested.exists() else direct
 
 
-def _captions(entry: dict[str, Any]) -> list[str]:
-    texts = []
+def caption_items(entry: dict[str, Any]) -> list[tuple[str, Any]]:
+    """``(caption, sentid)`` of each non-empty sentence of an entry, in file order.
+
+    A caption is the sentence's ``raw`` text, or its ``tokens`` joined by spaces when it has no ``raw``,
+    stripped; ``sentid`` is None where the sentence has none.
+    """
+    out = []
     for sentence in entry.get("sentences") or []:
-        raw = sentence.get("raw") if isinstance(sentence, dict) else None
-        if raw is None and isinstance(sentence, dict) and sentence.get("tokens"):
+        if not isinstance(sentence, dict):
+            continue
+        raw = sentence.get("raw")
+        if raw is None and sentence.get("tokens"):
             raw = " ".join(sentence["tokens"])
         if raw is not None and str(raw).strip():
-            texts.append(str(raw).strip())
-    return texts
+            out.append((str(raw).strip(), sentence.get("sentid")))
+    return out
+
+
+def captions(entry: dict[str, Any]) -> list[str]:
+    """The non-empty captions of an entry (see :func:`caption_items`)."""
+    return [text for text, _ in caption_items(entry)]
 
 
 def load_retrieval_index(data: str | Path, split: str = "test",
@@ -134,12 +163,12 @@ def load_retrieval_index(data: str | Path, split: str = "test",
         ConfigError: the file is malformed, the split is absent, or an image has no caption.
     """
     source = find_retrieval_index(data, split)
-    raw = _read(source)
+    raw = read_index(source)
     root = Path(images_root) if images_root is not None else source.parent
     if not root.is_dir():
         raise DataNotFoundError(f"images root {root} does not exist — set images_root to the folder "
                                 f"that holds the {split} images.")
-    entries = [e for e in raw["images"] if isinstance(e, dict)]
+    entries = index_entries(raw)
     wanted = {split, "restval"} if split == "train" else {split}
     selected = [e for e in entries if e.get("split") in wanted]
     if not selected:
@@ -155,8 +184,8 @@ def load_retrieval_index(data: str | Path, split: str = "test",
         if not entry.get("filename"):
             raise ConfigError(f"image #{n} of split {split!r} in {source} has no 'filename' — fix or "
                               f"regenerate the index.")
-        path = _image_path(entry, root)
-        texts = _captions(entry)
+        path = image_path(entry, root)
+        texts = captions(entry)
         if not texts:
             raise ConfigError(f"image {entry['filename']} of split {split!r} in {source} has no caption — "
                               f"every retrieval image needs at least one.")

@@ -14,13 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from evlp.data.layouts import IMAGE_EXTENSIONS
 from evlp.data.seeding import close_loader, loader_generator, quiet_worker
 from evlp.data.shards import ShardStream, StreamTracker
 from evlp.data.tokenize import CaptionTokenizer
 from evlp.data.transforms import load_rgb
 from evlp.dist import DistInfo
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 class DecodeSample:
@@ -31,7 +30,7 @@ class DecodeSample:
         self.transform = transform
 
     def __call__(self, members: dict[str, bytes], key: str) -> tuple[Tensor, str] | None:
-        data = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        data = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
         text = members.get("txt")
         if data is None or text is None:
             return None

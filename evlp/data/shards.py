@@ -10,7 +10,6 @@ samples before it. webdataset's own pipeline streams tars front to back and cann
 from __future__ import annotations
 
 import glob
-import json
 import os
 import tarfile
 import warnings
@@ -23,10 +22,10 @@ import numpy as np
 import torch.utils.data
 from braceexpand import braceexpand
 
+from evlp.data.layouts import IMAGE_EXTENSIONS, stats_successes
 from evlp.data.seeding import seeded
 from evlp.errors import ConfigError, DataNotFoundError
 
-IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp"})
 # decode() raising one of these means a broken sample (what PIL raises on corrupt images)
 SKIP_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
 # a worker that decodes nothing for this many epochs in a row would spin forever: fail instead
@@ -138,21 +137,12 @@ def index_shard(path: Path) -> list[ShardSample]:
     return samples
 
 
-def _stats_count(path: Path) -> int | None:
-    stats = path.with_name(f"{path.stem}_stats.json")
-    try:
-        value = json.loads(stats.read_text())["successes"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return int(value) if isinstance(value, int) and value >= 0 else None
-
-
 def count_samples(shards: Sequence[Path]) -> int:
     """Total number of samples, from img2dataset's ``NNNNN_stats.json`` or else by indexing the tar."""
     total = 0
     for path in shards:
         path = Path(path)
-        count = _stats_count(path)
+        count = stats_successes(path)
         total += count if count is not None else len(index_shard(path))
     return total
 
@@ -298,7 +288,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _decode(self, handle: Any, sample: ShardSample, key: tuple[int, ...]) -> Any | None:
         """Read and decode one sample; its augmentation randomness is seeded by ``key`` (see evlp.data.seeding)."""
-        if not IMAGE_EXTS.intersection(sample.members):
+        if not any(ext in sample.members for ext in IMAGE_EXTENSIONS):
             return None
         data: dict[str, bytes] = {}
         for ext, (offset, size) in sample.members.items():

@@ -17,7 +17,6 @@ import math
 import os
 import random
 import shutil
-import tarfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,7 +26,9 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from evlp._version import __version__
+from evlp.data.download.shardwriter import EncodedImage, ShardSample, shard_is_complete, write_shard
 from evlp.errors import ConfigError
+from evlp.io import write_json
 
 __all__ = ["SYNTH_COLORS", "SYNTH_SHAPES", "SYNTH_WORDS", "Scene", "SynthObject", "SynthResult",
            "describe_scene", "render_scene", "sample_scene", "scene_captions", "synthesize"]
@@ -35,7 +36,6 @@ __all__ = ["SYNTH_COLORS", "SYNTH_SHAPES", "SYNTH_WORDS", "Scene", "SynthObject"
 # Bump when the generator changes, so an old folder is not mistaken for the new data.
 _GENERATOR_VERSION = 1
 _JPEG_QUALITY = 90
-_MTIME = 946684800  # fixed tar member time (2000-01-01) so that shards are byte-identical
 _PARTIAL = ".synth_partial.json"
 _MAX_CAPTIONS = 10
 
@@ -248,34 +248,18 @@ class SynthResult:
     reused: bool = False
 
 
-def _write_json(path: Path, obj: Any, indent: int | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=indent) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), _MTIME, 0o644
-    tar.addfile(info, io.BytesIO(data))
+def _shard_plan(first: int, samples: list[tuple[Scene, str]]) -> dict[str, Any]:
+    """What a train shard holds (stored in its stats, so that a resumed run can tell it is complete)."""
+    return {"dataset": "synth", "generator": _GENERATOR_VERSION, "first": first, "count": len(samples)}
 
 
 def _write_shard(path: Path, first: int, samples: list[tuple[Scene, str]]) -> None:
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for i, (scene, caption) in enumerate(samples):
-            key = f"{first + i:09d}"
-            meta = {"key": key, "caption": caption, "width": scene.canvas, "height": scene.canvas,
-                    "status": "success", "error_message": None}
-            _tar_add(tar, f"{key}.jpg", _jpeg(scene))
-            _tar_add(tar, f"{key}.txt", caption.encode("utf-8"))
-            _tar_add(tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
-    os.replace(tmp, path)
-    n = len(samples)
-    _write_json(path.with_name(f"{path.stem}_stats.json"), {
-        "count": n, "successes": n, "failed_to_download": 0, "failed_to_resize": 0,
-        "status_dict": {"success": n}}, indent=2)
+    """Write one train shard with the shard writer every downloader uses (keys: global sample numbers)."""
+    records = []
+    for i, (scene, caption) in enumerate(samples):
+        image = EncodedImage(_jpeg(scene), "jpg", scene.canvas, scene.canvas, scene.canvas, scene.canvas)
+        records.append(ShardSample(f"{first + i:09d}", image, caption))
+    write_shard(path, records, plan=_shard_plan(first, samples))
 
 
 def _write_index_split(out: Path, split: str, items: list[tuple[Scene, list[str]]]) -> None:
@@ -294,7 +278,7 @@ def _write_index_split(out: Path, split: str, items: list[tuple[Scene, list[str]
         images.append({"filepath": "images", "filename": filename, "imgid": imgid, "split": split,
                        "sentids": sentids, "sentences": [{"raw": c, "tokens": c.split(), "imgid": imgid,
                                                           "sentid": j} for c, j in zip(caps, sentids)]})
-    _write_json(tmp / "karpathy.json", {"dataset": "synth", "images": images})
+    write_json(tmp / "karpathy.json", {"dataset": "synth", "images": images}, indent=None)
     if final.exists():  # a leftover of an interrupted run of these same parameters
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -364,7 +348,7 @@ def synthesize(out: str | Path, *, n_train: int = 20000, n_test: int = 500, n_va
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob(".*.tmp"), *out.glob("train/.*.tmp")]:  # left by an interrupted run
         stale.unlink()
-    _write_json(out / _PARTIAL, {"dataset": "synth", "params": params}, indent=2)
+    write_json(out / _PARTIAL, {"dataset": "synth", "params": params})
 
     # Scenes are cheap to draw, so all are drawn (in order) even when resuming; only rendering is skipped.
     train: list[tuple[Scene, str]] = []
@@ -385,16 +369,17 @@ def synthesize(out: str | Path, *, n_train: int = 20000, n_test: int = 500, n_va
             held_out[split].append((scene, scene_captions(scene, rng, captions_per_image)))
 
     for j, path in enumerate(shards):
-        if not path.with_name(f"{path.stem}_stats.json").is_file():  # stats are written after the tar
-            _write_shard(path, j * shard_size, train[j * shard_size:(j + 1) * shard_size])
+        part = train[j * shard_size:(j + 1) * shard_size]
+        if shard_is_complete(path, _shard_plan(j * shard_size, part)) is None:  # stats come after the tar
+            _write_shard(path, j * shard_size, part)
     splits: dict[str, dict[str, int]] = {"train": {"samples": n_train, "shards": n_shards}}
     for split, items in held_out.items():
         if items:
             _write_index_split(out, split, items)
             splits[split] = {"images": len(items), "captions": len(items) * captions_per_image}
-    _write_json(manifest_path, {
+    write_json(manifest_path, {
         "dataset": "synth", "seed": seed, "image_size": image_size, "splits": splits, "params": params,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "evlp_version": __version__,
-    }, indent=2)
+    })
     (out / _PARTIAL).unlink()
     return SynthResult(out, manifest_path, images, captions, shards, time.perf_counter() - start)

@@ -85,6 +85,14 @@ class CaptionTokenizer:
                              return_tensors="pt", return_token_type_ids=False)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
+    def encode_pairs(self, first: list[str], second: list[str] | None, max_length: int,
+                     token_types: bool) -> dict[str, Any]:
+        """Sentences (or sentence pairs, truncated longest-first) padded to the longest: ``input_ids``,
+        ``attention_mask`` and, with ``token_types``, ``token_type_ids`` (B, T) tensors."""
+        return self.tokenizer(list(first), list(second) if second is not None else None, truncation=True,
+                              max_length=max_length, padding="longest", return_tensors="pt",
+                              return_token_type_ids=token_types)
+
     def save(self, folder: str | os.PathLike[str]) -> None:
         """Save the tokenizer files into ``folder``."""
         self.tokenizer.save_pretrained(str(folder))

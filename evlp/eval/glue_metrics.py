@@ -3,7 +3,9 @@
 The reference let Lightning average F1, Matthews correlation and Spearman over validation *batches*, which is
 not the metric of the split (section 10, item 5). Everything here takes all predictions of a split at once.
 
-Units: accuracy and F1 in percent (0..100), correlations (MCC, Pearson, Spearman) in -1..1.
+Units: accuracy and F1 in percent (0..100), correlations (MCC, Pearson, Spearman) in -1..1. Accuracy, F1 and
+Matthews correlation come from scikit-learn, Pearson and Spearman from scipy; undefined values (a constant
+side) are reported as 0, never NaN.
 """
 
 from __future__ import annotations
@@ -36,35 +38,30 @@ def _task(task: str) -> Any:
 
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
-    """Percentage of exact matches."""
-    return float((predictions == labels).mean() * 100.0)
+    """Percentage of exact matches (scikit-learn's ``accuracy_score``) of class indices (N,) each."""
+    from sklearn.metrics import accuracy_score
+
+    return float(accuracy_score(labels, predictions) * 100.0)
 
 
 def binary_f1(predictions: np.ndarray, labels: np.ndarray, positive: int = 1) -> float:
-    """F1 of class ``positive`` in percent; 0 when it is neither predicted nor present."""
-    pred, true = predictions == positive, labels == positive
-    tp = float(np.sum(pred & true))
-    fp = float(np.sum(pred & ~true))
-    fn = float(np.sum(~pred & true))
-    return 200.0 * tp / (2 * tp + fp + fn) if tp + fp + fn > 0 else 0.0
+    """F1 of class ``positive`` in percent (scikit-learn's ``f1_score``) of class indices (N,) each; 0 when
+    the class is neither predicted nor present."""
+    from sklearn.metrics import f1_score
+
+    score = f1_score(labels, predictions, labels=[positive], average="macro", zero_division=0.0)
+    return float(score * 100.0)
 
 
 def matthews_corr(predictions: np.ndarray, labels: np.ndarray) -> float:
-    """Matthews correlation (multi-class form, Gorodkin 2004); 0 when it is undefined (a constant side)."""
-    classes = np.union1d(predictions, labels)
-    pred = np.searchsorted(classes, predictions)
-    true = np.searchsorted(classes, labels)
-    k = len(classes)
-    confusion = np.bincount(true * k + pred, minlength=k * k).reshape(k, k).astype(np.float64)  # (true, pred)
-    n = confusion.sum()
-    correct = np.trace(confusion)
-    t, p = confusion.sum(axis=1), confusion.sum(axis=0)  # true / predicted counts per class
-    cov_tp = correct * n - t @ p
-    cov_pp = n * n - p @ p
-    cov_tt = n * n - t @ t
-    if cov_pp == 0 or cov_tt == 0:
-        return 0.0
-    return float(cov_tp / np.sqrt(cov_pp * cov_tt))
+    """Matthews correlation, multi-class form (Gorodkin 2004; scikit-learn's ``matthews_corrcoef``) of class
+    indices (N,) each; 0 when it is undefined (a constant side)."""
+    from sklearn.metrics import matthews_corrcoef
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a constant side: sklearn returns 0.0, possibly with a warning
+        mcc = float(matthews_corrcoef(labels, predictions))
+    return mcc if np.isfinite(mcc) else 0.0
 
 
 def correlations(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:

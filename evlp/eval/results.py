@@ -50,6 +50,22 @@ class EvalResult:
         return Path(path)
 
 
+@dataclass
+class RetrievalResult(EvalResult):
+    """Image-text retrieval: ``metrics`` holds tr1/tr5/tr10, ir1/ir5/ir10, rsum and rmean (percent);
+    ``details`` holds ``n_images`` and ``n_texts``."""
+
+
+@dataclass
+class ClassificationResult(EvalResult):
+    """Image classification (zero-shot or fine-tuned): ``metrics`` holds top1 and top5 (percent)."""
+
+
+@dataclass
+class GlueResult(EvalResult):
+    """One GLUE task and split: ``metrics`` holds the task's metrics (accuracy, f1, mcc, pearson, spearman)."""
+
+
 def config_hash(config_text: str) -> str:
     """A short, stable hash of a resolved config's YAML text."""
     return hashlib.sha256(config_text.encode("utf-8")).hexdigest()[:12]

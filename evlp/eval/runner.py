@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evlp.eval.results import EvalResult, checkpoint_config_hash
+from evlp.eval.results import RetrievalResult, checkpoint_config_hash
 
 
 @dataclass
@@ -60,7 +60,7 @@ def embed_index(encoder: Any, index: Any, batch_size: int = 128, num_workers: in
     return images, texts
 
 
-def evaluate_retrieval(cfg: RetrievalEvalConfig, encoder: Any = None) -> EvalResult:
+def evaluate_retrieval(cfg: RetrievalEvalConfig, encoder: Any = None) -> RetrievalResult:
     """Image-text retrieval on a Karpathy-style split: TR@1/5/10, IR@1/5/10, RSUM and their mean.
 
     Args:
@@ -81,7 +81,7 @@ def evaluate_retrieval(cfg: RetrievalEvalConfig, encoder: Any = None) -> EvalRes
     images, texts = embed_index(encoder, index, cfg.batch_size, cfg.num_workers)
     metrics = {k: round(v, 4) for k, v in retrieval_metrics(images @ texts.T, index.text_to_image).items()}
     ckpt = find_checkpoint(cfg.ckpt)
-    result = EvalResult(
+    result = RetrievalResult(
         task="retrieval", dataset=index.dataset, split=index.split, checkpoint=str(ckpt), metrics=metrics,
         details={"n_images": len(index.image_paths), "n_texts": len(index.texts)},
         seconds=time.perf_counter() - t0, config_hash=checkpoint_config_hash(ckpt),
@@ -94,5 +94,6 @@ def evaluate_retrieval(cfg: RetrievalEvalConfig, encoder: Any = None) -> EvalRes
 
 def default_result_path(ckpt: Path, task: str, dataset: str, split: str) -> Path:
     """``<run>/eval/<task>_<dataset>_<split>.json`` (the run of a checkpoint, or the export folder itself)."""
-    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
-    return run / "eval" / f"{task}_{dataset}_{split}.json"
+    from evlp.checkpoint import eval_path, run_of
+
+    return eval_path(run_of(ckpt), task, dataset, split)

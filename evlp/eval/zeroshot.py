@@ -18,18 +18,17 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from evlp.errors import ConfigError, DataNotFoundError
-from evlp.eval.results import EvalResult, checkpoint_config_hash
+from evlp.data.layouts import IMAGE_SUFFIXES, IMAGENET_CLASSNAMES_ASSET, imagenet_classnames, imagenet_wnids
+from evlp.eval.results import ClassificationResult, EvalResult, checkpoint_config_hash
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"})
 """Files counted as images inside class folders (case-insensitive), as torchvision's ImageFolder."""
 
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"
-IMAGENET_CLASSNAMES_FILE = _ASSETS / "imagenet_classnames.json"
+IMAGENET_CLASSNAMES_FILE = IMAGENET_CLASSNAMES_ASSET
 IMAGENET_TEMPLATES_FILE = _ASSETS / "imagenet_templates.json"
 _SPLIT_NAMES = frozenset({"train", "val", "validation", "test"})
 _LOGIT_SCALE = 100.0
@@ -77,9 +76,9 @@ class ImageFolderIndex:
 def zeroshot_metrics(logits: Any, labels: Any, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
     """Top-k accuracies in percent, ``{"top1": ..., "top5": ...}``, exact over all N rows.
 
-    An image is correct at k when its true class ranks among the first k of its row. Ranks follow a
-    stable descending sort: among equal scores the lower class index ranks first (as ``argmax``), so
-    ``rank = 1 + #{j: s_j > s_y} + #{j < y: s_j == s_y}``. With fewer than k classes every image is correct.
+    An image is correct at k when its true class ranks among the first k of its row, ties broken by
+    :mod:`evlp.eval.topk`'s rule (the lower class index first, as ``argmax``). With fewer than k classes every
+    image is correct.
 
     Args:
         logits: (N, C) scores.
@@ -87,28 +86,18 @@ def zeroshot_metrics(logits: Any, labels: Any, ks: Sequence[int] = (1, 5)) -> di
         ks: the k values to report.
 
     Raises:
-        ValueError: shapes do not fit, or a label is outside ``0..C-1``.
+        ValueError: shapes do not fit, no rows, or a label is outside ``0..C-1``.
     """
     import torch
 
-    logits = torch.as_tensor(logits)
-    labels = torch.as_tensor(labels, dtype=torch.long, device=logits.device)
-    if logits.ndim != 2 or labels.shape != (logits.shape[0],):
-        raise ValueError(f"logits must be (N, C) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    n, c = logits.shape
+    from evlp.eval.topk import topk_correct
+
+    logits = torch.as_tensor(logits)  # (N, C)
+    counts = topk_correct(logits, labels, ks)  # validates the shapes and labels
+    n = logits.shape[0]
     if n == 0:
         raise ValueError("zeroshot_metrics needs at least one row")
-    if labels.min() < 0 or labels.max() >= c:
-        raise ValueError(f"labels must lie in 0..{c - 1}, got {labels.min().item()}..{labels.max().item()}")
-    ranks = torch.empty(n, dtype=torch.long, device=logits.device)
-    cols = torch.arange(c, device=logits.device)
-    step = max(1, 2**24 // max(c, 1))  # rows per chunk: bounds the (rows, C) comparison masks
-    for i in range(0, n, step):
-        s, y = logits[i:i + step], labels[i:i + step]
-        own = s.gather(1, y[:, None])  # (b, 1)
-        ahead = (s > own) | ((s == own) & (cols[None, :] < y[:, None]))  # (b, C)
-        ranks[i:i + step] = 1 + ahead.sum(1)
-    return {f"top{k}": 100.0 * (ranks <= k).sum().item() / n for k in ks}
+    return {f"top{k}": 100.0 * counts[int(k)] / n for k in ks}
 
 
 # ------------------------------------------------------------------------------------------ classifier
@@ -154,19 +143,6 @@ def zeroshot_classifier(encoder: Any, classnames: Sequence[str], templates: Sequ
 
 
 # ------------------------------------------------------------------------------------------ the data
-
-
-@lru_cache(maxsize=1)
-def imagenet_wnids() -> tuple[str, ...]:
-    """The 1000 ImageNet-1k wnids in class-index order (timm's list: sorted wnids)."""
-    from timm.data import ImageNetInfo
-
-    return tuple(ImageNetInfo().label_names())
-
-
-def imagenet_classnames() -> list[str]:
-    """open_clip's 1000 curated ImageNet class names, index-aligned with :func:`imagenet_wnids`."""
-    return json.loads(IMAGENET_CLASSNAMES_FILE.read_text(encoding="utf-8"))
 
 
 def imagenet_templates() -> list[str]:
@@ -329,7 +305,7 @@ def evaluate_zeroshot(cfg: ZeroShotConfig, encoder: Any = None) -> EvalResult:
     logits = _LOGIT_SCALE * images @ weights.T  # (N, C)
     metrics = {k: round(v, 4) for k, v in zeroshot_metrics(logits, index.labels, (1, 5)).items()}
 
-    result = EvalResult(
+    result = ClassificationResult(
         task="zeroshot", dataset=index.dataset, split=index.split, checkpoint=str(ckpt), metrics=metrics,
         details={"n_images": len(index.paths), "n_classes": len(classnames), "n_templates": len(templates)},
         seconds=time.perf_counter() - t0, config_hash=checkpoint_config_hash(ckpt),

@@ -21,8 +21,12 @@ from evlp.models.blocks import LN_EPS, PostLNBlock
 class Data2Vec2ImageTower(nn.Module):
     """``forward(pixels (B, 3, H, W)) -> tokens (B, 1 + N, width)``, CLS first."""
 
+    num_prefix_tokens = 1
+    """Leading output tokens that are not patches: the CLS."""
+
     def __init__(self, cfg: ImageTowerConfig) -> None:
         super().__init__()
+        self.config = cfg
         self.width = cfg.width
         self.patch_embed = PatchEmbed(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=3,
                                       embed_dim=cfg.width, bias=True)
@@ -47,6 +51,33 @@ class Data2Vec2ImageTower(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
         return self.blocks(self.norm_pre(x))
 
+    def transformer_blocks(self) -> nn.Sequential | None:
+        """The tower's transformer blocks in order (what layer-wise LR decay numbers), or None if it has none."""
+        return self.blocks if len(self.blocks) > 0 else None
+
+    def resized(self, img_size: int) -> Data2Vec2ImageTower:
+        """A copy of this tower for ``img_size`` inputs: same weights, position embedding resampled (bicubic).
+
+        Raises:
+            ConfigError: ``img_size`` is not a multiple of the patch size.
+        """
+        import dataclasses
+
+        from timm.layers import resample_abs_pos_embed
+
+        from evlp.errors import ConfigError
+
+        cfg = self.config
+        if img_size % cfg.patch_size:
+            raise ConfigError(f"img_size={img_size} is not a multiple of the tower's patch size {cfg.patch_size}")
+        resized = Data2Vec2ImageTower(dataclasses.replace(cfg, img_size=img_size))
+        state = self.state_dict()
+        state["pos_embed"] = resample_abs_pos_embed(
+            state["pos_embed"], new_size=list(resized.patch_embed.grid_size),
+            old_size=list(self.patch_embed.grid_size), num_prefix_tokens=0)  # (1, N, D) -> (1, N', D)
+        resized.load_state_dict(state)
+        return resized
+
 
 class TimmImageTower(nn.Module):
     """Any timm model as a token encoder: ``forward(pixels) -> tokens (B, 1 + N, width)``, first token
@@ -62,9 +93,42 @@ class TimmImageTower(nn.Module):
     def __init__(self, name: str, img_size: int, pretrained: bool = False) -> None:
         super().__init__()
         self.model = create_timm_model(name, img_size, pretrained)
+        self.timm_name, self.img_size = name, img_size
         self.width = int(self.model.num_features)
         self.has_cls = int(getattr(self.model, "num_prefix_tokens", 0)) > 0 and \
             getattr(self.model, "cls_token", None) is not None
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Leading output tokens that are not patches: the model's CLS and registers, or the prepended mean
+        token (models without a class token, CNNs); at least 1."""
+        if self.has_cls:
+            return max(1, int(getattr(self.model, "num_prefix_tokens", 1)))
+        return 1
+
+    def transformer_blocks(self) -> nn.Sequential | nn.ModuleList | None:
+        """The timm model's transformer blocks in order (``model.blocks``), or None (CNNs, other layouts)."""
+        blocks = getattr(self.model, "blocks", None)
+        if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) > 0:
+            return blocks
+        return None
+
+    def resized(self, img_size: int) -> TimmImageTower:
+        """This tower, changed in place to take ``img_size`` inputs (timm's ``set_input_size`` resamples the
+        position embedding); CNNs take any size unchanged.
+
+        Raises:
+            ConfigError: a model with a position embedding that cannot change its input size.
+        """
+        from evlp.errors import ConfigError
+
+        if callable(getattr(self.model, "set_input_size", None)):
+            self.model.set_input_size(img_size=img_size)
+        elif getattr(self.model, "pos_embed", None) is not None:
+            raise ConfigError(f"img_size={img_size}: timm model '{self.timm_name}' cannot change its input size; "
+                              f"leave img_size unset (the checkpoint's {self.img_size})")
+        self.img_size = img_size
+        return self
 
     def forward(self, pixels: Tensor) -> Tensor:
         f = self.model.forward_features(pixels)
@@ -123,3 +187,26 @@ def build_image_tower(cfg: ImageTowerConfig, *, weights: Path | None = None, hub
 
         load_timm_weights(tower.model, weights)
     return tower
+
+
+def resize_tower(tower: nn.Module, cfg: ImageTowerConfig, img_size: int) -> tuple[nn.Module, ImageTowerConfig]:
+    """The image tower of ``cfg`` at another input resolution (its ``resized`` method).
+
+    Args:
+        tower: a tower built from ``cfg``.
+        cfg: its config.
+        img_size: the new input resolution.
+
+    Returns:
+        The tower and its config with ``img_size`` replaced (what rebuilds it from a checkpoint); the same
+        tower when the size does not change.
+
+    Raises:
+        ConfigError: ``img_size`` is not a multiple of the patch size, or the tower cannot change resolution.
+    """
+    import dataclasses
+
+    new_cfg = dataclasses.replace(cfg, img_size=img_size)
+    if img_size == cfg.img_size:
+        return tower, new_cfg
+    return tower.resized(img_size), new_cfg

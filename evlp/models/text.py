@@ -114,6 +114,23 @@ class TextTower(nn.Module):
         """The HF config of the (truncated) encoder, saved with checkpoints as ``text_config.json``."""
         return self.model.config.to_dict()
 
+    @property
+    def max_positions(self) -> int | None:
+        """The longest input (tokens) the position embedding covers; None when the family sets no limit."""
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        return None if positions is None else int(positions)
+
+    @property
+    def segment_types(self) -> int:
+        """How many token type (segment) ids the embedding has: 2 for BERT's sentence pairs, 0 or 1 when the
+        family uses none (then ``token_type_ids`` carry no information)."""
+        return int(getattr(self.model.config, "type_vocab_size", 0))
+
+    @property
+    def init_std(self) -> float:
+        """The std of the normal init the family uses for new linear layers (BERT's ``initializer_range``)."""
+        return float(getattr(self.model.config, "initializer_range", 0.02))
+
 
 def build_text_tower(cfg: TextTowerConfig, *, pretrained: bool = False,
                      hf_config: dict[str, Any] | None = None) -> TextTower:

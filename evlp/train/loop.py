@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from evlp.checkpoint import CKPT_DIR, append_jsonl, best_checkpoint, checkpoint_name, latest_checkpoint, mark_best, step_of
+from evlp.checkpoint import CKPT_DIR, append_jsonl, best_checkpoint, checkpoint_name, mark_best, step_of
 from evlp.config.loader import write_atomic
 from evlp.config.schema import OptimConfig, TrainConfig
 from evlp.dist import DistInfo
@@ -122,7 +123,7 @@ def fit(
         mixed_precision=precision,
         gradient_accumulation_steps=train.grad_accum,
         kwargs_handlers=[DistributedDataParallelKwargs(
-            find_unused_parameters=getattr(task, "find_unused_parameters", False), gradient_as_bucket_view=True)],
+            find_unused_parameters=task.find_unused_parameters, gradient_as_bucket_view=True)],
     )
     dist = DistInfo(rank=accelerator.process_index, world_size=accelerator.num_processes,
                     local_rank=accelerator.local_process_index)
@@ -171,17 +172,16 @@ class _Run:
         self.steps_per_epoch = max(1, task.samples_per_epoch() // self.global_batch)
         self.total = train.max_steps or train.epochs * self.steps_per_epoch
         self.lr = peak_lr(optim, self.global_batch)
-        groups = task.param_groups(module, optim) if callable(getattr(task, "param_groups", None)) else None
-        optimizer = build_optimizer(module, optim, self.lr, groups=groups)
+        optimizer = build_optimizer(module, optim, self.lr, groups=task.param_groups(module, optim))
         self.scheduler = build_scheduler(optimizer, optim, self.total)
         self.fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         self.module, self.optimizer = self.acc.prepare(module, optimizer)
         self.ckpt = Checkpointer(self.acc, task, self.run_dir, self.control, self.scheduler,
                                  train.keep_checkpoints, self.files)
         self.nonfinite = NonFinite(self.acc.device)
-        self.monitor = getattr(task, "monitor", None)
-        self.maximize = getattr(task, "monitor_mode", "max") == "max"
-        self.validates = callable(getattr(task, "evaluate", None))
+        self.monitor = task.monitor
+        self.maximize = task.monitor_mode == "max"
+        self.validates = task.monitor is not None
         self.eval_every = train.eval_every or self.steps_per_epoch
 
     def _resume(self, ckpt: Path) -> dict | None:
@@ -228,7 +228,7 @@ class _Run:
             return
         at = f"at step {big - earliest}" if any_bad else f"by step {self.step}"
         what = "the loss became non-finite (NaN or inf)" if any_bad else "the weights became non-finite"
-        good = latest_checkpoint(self.run_dir)
+        good = self.ckpt.last
         lower = f"{self.optim.lr / 4:.3g}"
         where = (f"the last good checkpoint is {good} (step {step_of(good)}); continue from it with a lower learning "
                  f"rate: the same command with --resume optim.lr={lower}" if good is not None else
@@ -352,12 +352,12 @@ class _Run:
         seconds = time.perf_counter() - self.t0
         trained = self.step - (resumed_from or 0)
         return RunResult(
-            run_dir=self.run_dir, checkpoint=latest_checkpoint(self.run_dir) if self.last_saved >= 0 else None,
+            run_dir=self.run_dir, checkpoint=self.ckpt.last,
             steps=self.step, total_steps=self.total, samples=self.samples, seconds=self.elapsed + seconds,
             samples_per_s=trained * self.global_batch / max(seconds, 1e-9), world_size=self.dist.world_size,
             precision=self.acc.mixed_precision, peak_lr=self.lr, metrics=self.last_metrics, best_metric=self.best,
             best_checkpoint=best_checkpoint(self.run_dir), validations=self.validations, resumed_from=resumed_from,
-            skipped_samples=getattr(self.task, "skipped_samples", 0), notes=self.notes)
+            skipped_samples=self.task.skipped_samples, notes=self.notes)
 
     def _loop(self, data_state: dict | None, stop: int, resumed_from: int | None) -> None:
         batches = iter(self.task.train_batches(self.dist, data_state))
@@ -369,9 +369,8 @@ class _Run:
         try:
             self._steps(batches, stop)
         finally:
-            close = getattr(batches, "close", None)
-            if callable(close):
-                close()  # ends the data stream's worker processes now, inside the signal handling
+            if isinstance(batches, Generator):
+                batches.close()  # ends the data stream's worker processes now, inside the signal handling
 
     def _steps(self, batches: Any, stop: int) -> None:
         train = self.train

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evlp.checkpoint import CONFIG, TEXT_CONFIG, TOKENIZER, read_json, write_json
+from evlp.checkpoint import TEXT_CONFIG, TOKENIZER, eval_path, read_json, write_json
 from evlp.config.schema import PretrainConfig
 from evlp.data.pairs import PairBatches
 from evlp.data.shards import count_samples, expand_shards
@@ -22,9 +22,10 @@ from evlp.dist import DistInfo
 from evlp.errors import ConfigError
 from evlp.losses import MemoryBank, clip_loss, kd_loss, total_loss, update_bank
 from evlp.models import build_model, build_teacher_of, resolve_model_config, resolve_weights
-from evlp.train.loop import RunResult, fit
-from evlp.train.runs import is_main_process, open_run
-from evlp.train.task import Progress
+from evlp.eval.results import EvalResult
+from evlp.train.lifecycle import TrainingResult, train
+from evlp.train.runs import RunStart
+from evlp.train.task import Progress, Task
 
 class PretrainModule(nn.Module):
     """The trainable module under DDP: the student plus the KD logit scale (a parameter only when learnable)."""
@@ -45,7 +46,7 @@ class PretrainModule(nn.Module):
         return out
 
 
-class PretrainTask:
+class PretrainTask(Task):
     """CLIP ITC on two levels plus contrastive KD from a frozen teacher with a FIFO memory bank.
 
     Args:
@@ -159,45 +160,36 @@ PRETRAIN_FIXED = ("model", "loss.memory_bank_size", "loss.kd_learnable_temperatu
 
 
 def pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int | None = None,
-             progress: Progress | None = None) -> RunResult:
-    """Pretrain S-SMKE as configured; resumable; writes the run folder ``cfg.out``.
+             progress: Progress | None = None) -> TrainingResult:
+    """Pretrain S-SMKE as configured; resumable; writes the run folder ``cfg.out``, then scores the final
+    checkpoint by retrieval on ``data.val`` (when set) into ``RUN/eval/retrieval.json``.
 
     ``stop_after`` ends this invocation after that many optimizer steps (see :func:`evlp.train.loop.fit`).
-
     Runs on one CPU/GPU or, under ``accelerate launch`` / ``torchrun``, on every process of the job.
 
     Raises:
         ConfigError: bad settings, a run folder that conflicts with ``resume``, or one in use by another run.
         DataNotFoundError: no training shards.
     """
-    run_dir = Path(cfg.out)
     cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model))
-    with open_run(cfg, resume=resume, fixed=PRETRAIN_FIXED) as start:
+
+    def make_task(start: RunStart) -> PretrainTask:
         # fail before anything is written when a weights file is missing
-        if not resume:
+        if start.resume_from is None:
             resolve_weights(cfg.model.image.checkpoint, cfg.paths.models, "model.image")
         if cfg.model.teacher.enabled and cfg.loss.kd_weight > 0:
             resolve_weights(cfg.model.teacher.checkpoint, cfg.paths.models, "model.teacher")
-        task = PretrainTask(cfg, resume_from=start.resume_from)
-        result = fit(task, cfg.optim, cfg.train, run_dir, resume_from=start.resume_from, stop_after=stop_after,
-                     files={CONFIG: start.config_text}, records=start.records, progress=progress)
-        is_main = is_main_process()
-        if is_main and cfg.data.val and result.checkpoint is not None and result.steps == result.total_steps:
-            from evlp.eval.runner import RetrievalEvalConfig, evaluate_retrieval
+        return PretrainTask(cfg, resume_from=start.resume_from)
 
-            val = Path(cfg.data.val)
-            val = val if val.is_absolute() else Path(cfg.data.root) / val
-            res = evaluate_retrieval(RetrievalEvalConfig(ckpt=str(result.checkpoint), data=str(val),
-                                                         split=cfg.data.val_split,
-                                                         out=str(run_dir / "eval" / "retrieval.json")))
-            result.eval = res
-        if is_main:
-            write_json(run_dir / "summary.json", {
-                "steps": result.steps, "total_steps": result.total_steps, "samples": result.samples,
-                "seconds": result.seconds, "samples_per_s": result.samples_per_s, "world_size": result.world_size,
-                "precision": result.precision, "peak_lr": result.peak_lr, "metrics": result.metrics,
-                "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-                "skipped_samples": result.skipped_samples, "resumed_from": result.resumed_from,
-                "notes": result.notes, "eval": result.eval.to_json() if result.eval is not None else None,
-            })
-    return result
+    def score(ckpt: Path) -> list[EvalResult]:
+        if not cfg.data.val:
+            return []
+        from evlp.eval.runner import RetrievalEvalConfig, evaluate_retrieval
+
+        val = Path(cfg.data.val)
+        val = val if val.is_absolute() else Path(cfg.data.root) / val
+        return [evaluate_retrieval(RetrievalEvalConfig(ckpt=str(ckpt), data=str(val), split=cfg.data.val_split,
+                                                       out=str(eval_path(cfg.out, "retrieval"))))]
+
+    return train(cfg, make_task, resume=resume, stop_after=stop_after, progress=progress, fixed=PRETRAIN_FIXED,
+                 score=score)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from evlp.checkpoint import CONFIG, TEXT_CONFIG, TOKENIZER, write_json
+from evlp.checkpoint import TEXT_CONFIG, TOKENIZER, eval_path, write_json
 from evlp.config.retrieval import RetrievalFinetuneConfig
 from evlp.data.karpathy import load_retrieval_index
 from evlp.data.pairs import PairBatches
@@ -20,9 +20,8 @@ from evlp.dist import DistInfo, gather_objects, shard_range
 from evlp.eval.results import EvalResult
 from evlp.eval.retrieval import retrieval_metrics
 from evlp.losses import clip_loss
-from evlp.train.finetune_common import FinetuneResult, checkpoint_config, eval_path, finish_run, open_run
-from evlp.train.loop import fit
-from evlp.train.task import Progress, TaskBase
+from evlp.train.lifecycle import TrainingResult, checkpoint_config, train
+from evlp.train.task import Progress, Task
 
 
 class RetrievalModule(nn.Module):
@@ -40,7 +39,7 @@ class RetrievalModule(nn.Module):
                 "scale": self.student.logit_scales[-1].exp()}
 
 
-class RetrievalFinetuneTask(TaskBase):
+class RetrievalFinetuneTask(Task):
     """CLIP ITC on the shared block's CLS embedding, validated by mean recall on the Karpathy val split.
 
     Args:
@@ -129,7 +128,7 @@ class RetrievalFinetuneTask(TaskBase):
 
 
 def finetune_retrieval(cfg: RetrievalFinetuneConfig, *, resume: bool = False, stop_after: int | None = None,
-                       progress: Progress | None = None) -> FinetuneResult:
+                       progress: Progress | None = None) -> TrainingResult:
     """Fine-tune for retrieval, then score the best checkpoint (by validation mean recall) on the test split.
 
     Writes ``RUN/config.yaml``, ``env.json``, ``metrics.jsonl``, ``checkpoints/`` (``best`` kept; each one an
@@ -142,16 +141,11 @@ def finetune_retrieval(cfg: RetrievalFinetuneConfig, *, resume: bool = False, st
     """
     from evlp.eval.runner import RetrievalEvalConfig, evaluate_retrieval
 
-    run_dir = Path(cfg.out)
-
     def score(ckpt: Path) -> list[EvalResult]:
         return [evaluate_retrieval(RetrievalEvalConfig(
             ckpt=str(ckpt), data=str(Path(cfg.data_root) / cfg.dataset), split=cfg.test_split,
-            out=str(eval_path(run_dir, "retrieval", cfg.dataset, cfg.test_split)), num_workers=0,
+            out=str(eval_path(cfg.out, "retrieval", cfg.dataset, cfg.test_split)), num_workers=0,
             batch_size=cfg.eval_batch_size))]
 
-    with open_run(cfg, resume=resume, fixed=("dataset",)) as start:
-        task = RetrievalFinetuneTask(cfg)
-        run = fit(task, cfg.optim, cfg.train, run_dir, resume_from=start.resume_from, stop_after=stop_after,
-                  files={CONFIG: task.checkpoint_config()}, records=start.records, progress=progress)
-        return finish_run(run, score)
+    return train(cfg, lambda start: RetrievalFinetuneTask(cfg), resume=resume, stop_after=stop_after,
+                 progress=progress, fixed=("dataset",), score=score)

@@ -18,6 +18,7 @@ from typing import Any
 
 from evlp.checkpoint import CKPT_DIR, CONFIG, latest_checkpoint
 from evlp.config.loader import dump_yaml, read_yaml, to_dict
+from evlp.dist import is_main_process
 from evlp.errors import ConfigError
 
 LOCK = ".evlp.lock"
@@ -139,9 +140,13 @@ class RunLock:
         self.release()
 
 
-def is_main_process() -> bool:
-    """True on global rank 0 (or without a launcher); only it writes run records and scores the final model."""
-    return int(os.environ.get("RANK", "0")) == 0
+def run_recipe(config: str | None, out: str | os.PathLike[str] | None, resume: bool, default: str) -> str:
+    """The recipe a training command resolves its config from: ``--config`` when given; with ``--resume``, the
+    run's own saved ``RUN/config.yaml``; else the command's ``default`` recipe."""
+    if config is not None:
+        return config
+    saved = Path(out) / CONFIG if out is not None else None
+    return str(saved) if resume and saved is not None and saved.is_file() else default
 
 
 def env_record() -> dict[str, Any]:

@@ -21,7 +21,6 @@ from evlp.checkpoint import (
     TRAINER_STATE,
     checkpoint_name,
     file_manifest,
-    latest_checkpoint,
     mark_latest,
     prune_checkpoints,
     read_json,
@@ -83,6 +82,7 @@ class Checkpointer:
                  files: dict[str, str]) -> None:
         self.acc, self.task, self.run_dir, self.control, self.keep = accelerator, task, run_dir, control, keep
         self.scheduler = scheduler
+        self.last: Path | None = None  # the newest complete checkpoint: the one loaded, then each one written
         self.files = files  # extra text files (name -> content) copied into every checkpoint
 
     def _write_own_part(self, tmp: Path) -> None:
@@ -117,7 +117,7 @@ class Checkpointer:
         acc = self.acc
         final = self.run_dir / CKPT_DIR / checkpoint_name(step)
         tmp = final.with_name(final.name + ".tmp")
-        previous = latest_checkpoint(self.run_dir) if acc.is_main_process else None
+        previous = self.last
         if acc.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
@@ -139,6 +139,7 @@ class Checkpointer:
                 raise write_failure(error, tmp, step, self._needed(previous, module), previous) from error
             raise write_failure(error, tmp, step, 0, None) from error
         acc.wait_for_everyone()
+        self.last = final
         return final
 
     def load(self, ckpt: Path) -> dict[str, Any]:
@@ -152,6 +153,7 @@ class Checkpointer:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"cannot load checkpoint {ckpt} into this run ({first}); resume with the run's "
                                   "own settings") from exc
+        self.last = ckpt
         state = read_json(ckpt / TRAINER_STATE)
         state["data_state"] = read_json(ckpt / f"data_state_rank{self.acc.process_index}.json")
         return state

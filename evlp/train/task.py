@@ -1,4 +1,9 @@
-"""The interface between the generic training loop and one training objective."""
+"""The interface between the generic training loop and one training objective.
+
+:class:`Task` lists every hook :func:`evlp.train.loop.fit` calls, with its default; a task overrides what it
+needs. The loop never probes a task for optional methods: what a task does not override does nothing (or,
+for :meth:`Task.param_groups`, gives the default parameter groups).
+"""
 
 from __future__ import annotations
 
@@ -23,83 +28,79 @@ class Progress(Protocol):
     def stop(self) -> None: ...
 
 
-class Task(Protocol):
+class Task:
     """One objective (pretraining, ImageNet, GLUE, retrieval fine-tuning) for :func:`evlp.train.loop.fit`.
 
-    The loop owns the accelerator, optimizer, schedule, precision, logging and checkpoints; a task owns
-    its model, data and loss.
+    The loop owns the accelerator, optimizer, schedule, precision, logging, validation schedule and
+    checkpoints; a task owns its model, data and loss. Subclasses must implement :meth:`build_module`,
+    :meth:`train_batches`, :meth:`samples_per_epoch` and :meth:`training_step`.
+
+    Attributes:
+        name: shown in progress and logs.
+        monitor: the validation metric that picks the best checkpoint; None for a task that does not validate
+            (then :meth:`evaluate` is never called).
+        monitor_mode: ``"max"`` or ``"min"``: which direction of ``monitor`` is better.
+        find_unused_parameters: tell DDP that some trainable parameters may get no gradient in a step.
+        skipped_samples: samples skipped so far on this rank (corrupt or missing images).
     """
 
-    name: str
+    name: str = "task"
+    monitor: str | None = None
+    monitor_mode: str = "max"
+    find_unused_parameters: bool = False
+    skipped_samples: int = 0
 
+    # ------------------------------------------------------------------ what every task provides
     def build_module(self) -> nn.Module:
         """The trainable module (wrapped by DDP); its ``forward`` must run every trainable parameter."""
-        ...
-
-    skipped_samples: int
-    """Samples skipped so far on this rank (corrupt or missing images)."""
-
-    def to(self, device: Any) -> None:
-        """Move state that is not part of the trainable module (teacher, memory bank) to ``device``."""
-        ...
+        raise NotImplementedError
 
     def train_batches(self, dist: DistInfo, data_state: dict | None) -> Iterable[dict[str, Any]]:
-        """An endless iterable of batches for this rank, resuming from ``data_state`` when given."""
-        ...
+        """An endless iterable of batches for this rank, resuming from ``data_state`` when given. A generator
+        is closed by the loop when training ends, which must stop any worker processes it started."""
+        raise NotImplementedError
 
     def samples_per_epoch(self) -> int:
         """Nominal number of training samples in one epoch (over all ranks)."""
-        ...
+        raise NotImplementedError
 
-    def training_step(
-        self, module: nn.Module, batch: dict[str, Any], dist: DistInfo
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    def training_step(self, module: nn.Module, batch: dict[str, Any], dist: DistInfo
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss of one micro-batch and detached scalar metrics to log."""
-        ...
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ hooks with defaults
+    def to(self, device: Any) -> None:
+        """Move state that is not part of the trainable module (teacher, memory bank) to ``device``."""
+
+    def param_groups(self, module: nn.Module, optim: Any) -> list[dict] | None:
+        """The optimizer's parameter groups (``params``, ``weight_decay``, optional ``lr_scale``), e.g. for
+        layer-wise LR decay; None (the default) uses :func:`evlp.train.optim.param_groups`."""
+        return None
 
     def after_optimizer_step(self, module: nn.Module) -> None:
-        """Called after every optimizer step (clamping, momentum updates ...)."""
-        ...
+        """Called after every optimizer step with the unwrapped module (clamping, momentum updates ...)."""
+
+    def evaluate(self, module: nn.Module, dist: DistInfo) -> dict[str, float]:
+        """Validation scores, run on every rank (each scores its share; gather before computing metrics).
+        Called only when :attr:`monitor` is set; the loop logs them as ``val/<name>``, keeps the best checkpoint
+        (``RUN/checkpoints/best``) and never prunes it."""
+        raise NotImplementedError(f"{type(self).__name__} sets monitor={self.monitor!r} but has no evaluate()")
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Training state beyond the module (memory bank ...), identical on every rank."""
-        ...
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
-
-    def data_state(self) -> dict:
-        """This rank's data position after the batches consumed so far."""
-        ...
-
-    def save_artifacts(self, folder: Path) -> None:
-        """Write what evaluation needs besides weights (tokenizer ...) into a checkpoint folder."""
-        ...
-
-    # Optional, for tasks that validate during training (fine-tuning):
-    #   monitor: str                     the metric that picks the best checkpoint
-    #   monitor_mode: "max" | "min"
-    #   def param_groups(self, module, optim_cfg) -> list[dict]
-    #       the optimizer's parameter groups (``params``, ``weight_decay``, optional ``lr_scale``), e.g. for
-    #       layer-wise LR decay; default: evlp.train.optim.param_groups
-    #   def evaluate(self, module, dist) -> dict[str, float]
-    #       run on every rank (each scores its share; gather before computing metrics); the loop logs
-    #       the result as val/<name>, keeps the best checkpoint (RUN/checkpoints/best) and never prunes it.
-
-
-class TaskBase:
-    """Defaults for the Task methods most fine-tuning tasks do not need: no state outside the trainable module,
-    nothing to move to the device, nothing to do after an optimizer step."""
-
-    skipped_samples: int = 0
-
-    def to(self, device: Any) -> None:
-        """Nothing lives outside the trainable module."""
-
-    def state_dict(self) -> dict[str, Tensor]:
+        """Training state beyond the module (memory bank ...), identical on every rank; default: none."""
         return {}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """No extra state to restore."""
+        """Restore what :meth:`state_dict` returned."""
 
-    def after_optimizer_step(self, module: nn.Module) -> None:
-        """Nothing to do after a step."""
+    def data_state(self) -> dict:
+        """This rank's data position after the batches consumed so far (saved with every checkpoint)."""
+        return {}
+
+    def save_artifacts(self, folder: Path) -> None:
+        """Write what evaluation needs besides weights (tokenizer ...) into a checkpoint folder."""
+
+    def checkpoint_config(self) -> str | None:
+        """The ``config.yaml`` placed into each checkpoint (what evaluation reads); None: the run's config."""
+        return None

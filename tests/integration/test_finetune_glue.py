@@ -16,7 +16,9 @@ from evlp.config.glue import GlueConfig
 from evlp.config.schema import TextTowerConfig
 from evlp.dist import DistInfo
 from evlp.errors import ConfigError, DataNotFoundError
-from evlp.train.glue import GlueTask, finetune_glue, load_glue_classifier, source_pooler
+from evlp.eval.glue import load_glue_classifier
+from evlp.models.heads import source_pooler
+from evlp.train.glue import GlueTask, finetune_glue
 
 FILLER = ("big small little large old young open empty round dog cat horse bird cow boat bike car bus train plane "
           "table chair bed house road street tree grass sky water sea river lake beach sand snow sun").split()
@@ -183,5 +185,9 @@ def test_helpful_errors(tiny_run: Path, glue_root: Path, tmp_path: Path) -> None
         _cfg(tiny_run, glue_root, tmp_path, "colaa")
     with pytest.raises(DataNotFoundError, match="evlp data download glue"):
         GlueTask(_cfg(tiny_run, glue_root, tmp_path, "rte"))
-    with pytest.raises(ConfigError, match="64 positions"):
-        GlueTask(_cfg(tiny_run, glue_root, tmp_path, "sst2", "max_length=128"))
+    # issue 9: a recipe's max_length beyond the tower's positions clamps with a warning instead of stopping
+    with pytest.warns(UserWarning, match="64 positions"):
+        task = GlueTask(_cfg(tiny_run, glue_root, tmp_path, "sst2", "max_length=128"))
+    assert task.max_length == task.collate.max_length == 64
+    batch = task.collate([{"text_a": "word " * 200, "text_b": None, "label": 1}])
+    assert batch["input_ids"].shape == (1, 64)

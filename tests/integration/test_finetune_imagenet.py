@@ -15,7 +15,8 @@ from evlp.checkpoint import WEIGHTS, best_checkpoint, find_checkpoint, load_stud
 from evlp.config import load_config
 from evlp.config.imagenet import ImageNetConfig
 from evlp.dist import DistInfo
-from evlp.train.imagenet import ImageNetTask, evaluate_imagenet, finetune_imagenet, load_image_classifier
+from evlp.eval.imagenet import evaluate_imagenet, load_image_classifier
+from evlp.train.imagenet import ImageNetTask, finetune_imagenet
 
 SHAPES = {"bar": (230, 200, 30), "circle": (220, 40, 40), "square": (40, 180, 60), "triangle": (40, 80, 220)}
 

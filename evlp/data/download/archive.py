@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import stat
 import tarfile
 import zipfile
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import IO, Union
 
 from evlp.errors import DataNotFoundError, EvlpError
+from evlp.io import write_atomic as io_write_atomic
 
 __all__ = ["UnsafeArchiveError", "archive_format", "check_tar_member", "check_zip_member", "is_complete",
            "member_parts", "safe_extract", "write_atomic", "write_member", "write_text_atomic"]
@@ -48,7 +48,6 @@ __all__ = ["UnsafeArchiveError", "archive_format", "check_tar_member", "check_zi
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _MARKER_PREFIX = ".extracted-"
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DAMAGED = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error)
 
 StrPath = Union[str, "os.PathLike[str]"]
@@ -179,26 +178,13 @@ def _folder(root: str, parts: Iterable[str], archive: StrPath, name: str) -> str
 def write_atomic(path: StrPath, src: IO[bytes] | bytes) -> None:
     """Write ``src`` (a binary file object or bytes) to ``path`` via a temporary name and ``os.replace``.
 
-    The temporary file is created exclusively without following links, and the rename replaces a link at
-    ``path`` instead of writing through it. The folder must exist.
+    :func:`evlp.io.write_atomic` with a fixed temporary name, ``.<name>.evlp-part``, so that the leftover of
+    an interrupted extraction is removed when the file is written again. The temporary file is created
+    exclusively without following links, and the rename replaces a link at ``path`` instead of writing
+    through it.
     """
-    path = os.fspath(path)
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name[:200]}.evlp-part")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)  # left by an interrupted run (unlink removes a link, never its target)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            if isinstance(src, bytes):
-                out.write(src)
-            else:
-                shutil.copyfileobj(src, out, 1 << 20)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    name = os.path.basename(os.fspath(path))
+    io_write_atomic(path, src, temp_name=f".{name[:200]}.evlp-part")
 
 
 def write_text_atomic(path: StrPath, text: str) -> None:

@@ -14,6 +14,11 @@ and keeps the finished shards) and retrying only the rows that failed. Layout of
 
 A shard counts as finished once its ``_stats.json`` is readable (img2dataset writes it last); anything
 else is deleted after a run, and a re-run fetches those shards again and skips the finished ones.
+
+Why this module is long: it is one resumable pipeline — normalise the index, plan and clean shards, run
+img2dataset in a watched child process, retry rounds over failed rows, count failures by reason, write the
+manifest — whose steps all work on the folder layout above and its private file names; the watchdog that
+can stand alone already lives in :mod:`evlp.data.download.watchdog`.
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ import pyarrow.parquet as pq
 from evlp.data.download.http import DownloadError, download
 from evlp.data.download.manifest import MANIFEST, Manifest, tool_versions, write_manifest
 from evlp.data.download.watchdog import JOB_ENV, POLL_S, RUNNER, STARTUP_GRACE_S, activity, kill_tree
+from evlp.data.layouts import read_stats
 from evlp.errors import ConfigError, DataNotFoundError, UnknownNameError
+from evlp.io import atomic_file, read_json_object, write_json
 
 __all__ = ["CC12M_INDEX_URL", "CC3M_INDEX_PAGE", "CCOptions", "CCResult", "EXPECTED_YIELD", "REASONS",
            "classify_failure", "download_cc", "normalise_index"]
@@ -163,38 +170,31 @@ def normalise_index(tsv: str | Path, dest: str | Path, columns: tuple[str, str])
     Returns:
         (rows written, lines left out).
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
     url_last = columns[1] == "url"
     line = kept = 0
-    try:
-        with open(tsv, "rb") as fh, pq.ParquetWriter(tmp, _SCHEMA) as writer:
-            rest = b""
-            while True:
-                chunk = fh.read(_CHUNK)
-                data = rest + chunk
-                if chunk:
-                    cut = data.rfind(b"\n")
-                    if cut < 0:
-                        rest = data
-                        continue
-                    data, rest = data[:cut], data[cut + 1:]
-                elif not data:
-                    break
-                else:
-                    rest = b""
-                lines = pa.array(data.decode("utf-8", errors="replace").split("\n"), pa.string())
-                table = _split_lines(pc.utf8_rtrim(lines, characters="\r"), url_last, line)
-                line += len(lines)
-                if table.num_rows:
-                    writer.write_table(table)
-                    kept += table.num_rows
-                if not chunk:
-                    break
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with open(tsv, "rb") as fh, atomic_file(dest) as out, pq.ParquetWriter(out, _SCHEMA) as writer:
+        rest = b""
+        while True:
+            chunk = fh.read(_CHUNK)
+            data = rest + chunk
+            if chunk:
+                cut = data.rfind(b"\n")
+                if cut < 0:
+                    rest = data
+                    continue
+                data, rest = data[:cut], data[cut + 1:]
+            elif not data:
+                break
+            else:
+                rest = b""
+            lines = pa.array(data.decode("utf-8", errors="replace").split("\n"), pa.string())
+            table = _split_lines(pc.utf8_rtrim(lines, characters="\r"), url_last, line)
+            line += len(lines)
+            if table.num_rows:
+                writer.write_table(table)
+                kept += table.num_rows
+            if not chunk:
+                break
     return kept, line - kept
 
 
@@ -207,20 +207,6 @@ def _split_lines(lines: pa.Array, url_last: bool, first_line: int) -> pa.Table:
     caption = pc.utf8_trim_whitespace(pc.list_element(parts, 0 if url_last else 1))
     keep = pc.match_substring(url, "://")
     return pa.Table.from_arrays([url.filter(keep), caption.filter(keep), rows.filter(keep)], schema=_SCHEMA)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    from evlp.config.loader import write_atomic
-
-    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def _raw_index(name: str, folder: Path, root: Path, index: str | Path | None) -> tuple[Path, str]:
@@ -249,7 +235,7 @@ def _prepare_index(name: str, folder: Path, root: Path, index: str | Path | None
     """Normalise the index once (reused on re-runs) and return the state of ``_index/index.json``."""
     work = folder / INDEX_DIR
     state_path, parquet = work / _STATE_FILE, work / _INDEX_FILE
-    state = _read_json(state_path)
+    state = read_json_object(state_path)
     have_shards = bool(_finished(folder))
     if state is not None and have_shards and state.get("shard_size") not in (None, shard_size):
         raise ConfigError(f"shard_size={shard_size} differs from the {state['shard_size']} that the shards under "
@@ -272,13 +258,14 @@ def _prepare_index(name: str, folder: Path, root: Path, index: str | Path | None
                                 "no header)")
     state = {"source": source, "bytes": size, "rows": rows, "skipped_lines": skipped, "shard_size": shard_size,
              "columns": list(COLUMNS[name])}
-    _write_json(state_path, state)
+    write_json(state_path, state)
     return state
 
 
 # ---------------------------------------------------------------------------------------------- shards
-def _stats(path: Path) -> dict | None:
-    data = _read_json(path)
+def _stats(shard: Path) -> dict | None:
+    """img2dataset's stats of ``shard`` (``NNNNN.tar``) when it finished the shard (they hold ``count``)."""
+    data = read_stats(shard)
     return data if data is not None and isinstance(data.get("count"), int) else None
 
 
@@ -287,7 +274,7 @@ def _finished(out: Path) -> dict[int, dict]:
     done: dict[int, dict] = {}
     for path in out.glob("*_stats.json") if out.is_dir() else ():
         stem = path.name[: -len("_stats.json")]
-        stats = _stats(path)
+        stats = _stats(out / f"{stem}.tar")
         if stem.isdigit() and stats is not None and (out / f"{stem}.tar").is_file():
             done[int(stem)] = stats
     return done
@@ -426,7 +413,7 @@ def _run_img2dataset(input_file: Path, out: Path, rows: int, options: CCOptions,
                 for name in names - new_stats.keys():
                     shard = name.rsplit("/", 1)[-1][: -len("_stats.json")]
                     if name.endswith("_stats.json") and shard.isdigit() and int(shard) not in before:
-                        stats = _stats(out / f"{shard}_stats.json")
+                        stats = _stats(out / f"{shard}.tar")
                         if stats is not None:  # else half written: read again at the next poll
                             new_stats[name] = stats["count"]
             if progress is not None and sum(new_stats.values()) != reported:
@@ -457,8 +444,8 @@ def _subset(index: Path, dest: Path, rows: np.ndarray | None, limit: int | None,
     emptied for the ``blank`` rows (fetched in another round: img2dataset fails them without a request)."""
     wanted = None if rows is None else pa.array(rows, pa.int64())
     blanks = pa.array(blank, pa.int64())
-    tmp, left = dest.with_name(f".{dest.name}.tmp"), limit
-    with pq.ParquetWriter(tmp, _SCHEMA) as writer:
+    left = limit
+    with atomic_file(dest) as out, pq.ParquetWriter(out, _SCHEMA) as writer:
         for batch in pq.ParquetFile(index).iter_batches(batch_size=1 << 16):
             table = pa.Table.from_batches([batch]).cast(_SCHEMA)
             if left is not None:
@@ -471,7 +458,6 @@ def _subset(index: Path, dest: Path, rows: np.ndarray | None, limit: int | None,
             writer.write_table(table)
             if left == 0:
                 break
-    os.replace(tmp, dest)
     return dest
 
 
@@ -532,7 +518,7 @@ def download_cc(name: Literal["cc3m", "cc12m"], root: str | Path, *, index: str 
             stalled, more = _retry_round(folder, index_file, options, log, progress)
             added += more
         state["shard_size"] = options.shard_size
-        _write_json(folder / INDEX_DIR / _STATE_FILE, state)
+        write_json(folder / INDEX_DIR / _STATE_FILE, state)
         result = _result(name, folder, state, options, stalled, added, time.monotonic() - start)
         aside.unlink(missing_ok=True)
         return result

@@ -18,6 +18,7 @@ from evlp.data.download.karpathy_sets import (DOWNLOADS, KARPATHY_URL, Progress,
                                               build_karpathy_dataset, check_options, delete_archives,
                                               extract_member, fetch, make_manifest, read_karpathy_json)
 from evlp.data.download.manifest import Manifest, read_manifest, write_manifest
+from evlp.data.layouts import IMAGE_SUFFIXES
 from evlp.errors import DataNotFoundError
 
 __all__ = ["FLICKR_LAYOUT", "FLICKR_STEPS", "download_flickr"]
@@ -39,7 +40,6 @@ FLICKR_STEPS = (
 """The human steps to obtain the gated Flickr30K images, and the command to run afterwards."""
 
 _KARPATHY_MEMBER = "dataset_flickr30k.json"
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def _missing_archive(first_line: str) -> DataNotFoundError:
@@ -48,8 +48,8 @@ def _missing_archive(first_line: str) -> DataNotFoundError:
 
 def _is_image_member(name: str) -> bool:
     parts = PurePosixPath(name.replace("\\", "/")).parts
-    return (bool(parts) and parts[-1].lower().endswith(_IMAGE_SUFFIXES) and not parts[-1].startswith("._")
-            and "__MACOSX" not in parts)
+    return (bool(parts) and PurePosixPath(parts[-1]).suffix.lower() in IMAGE_SUFFIXES
+            and not parts[-1].startswith("._") and "__MACOSX" not in parts)
 
 
 def _extract_images(archive: Path, folder: Path, progress: Progress | None) -> None:

@@ -18,10 +18,8 @@ not written again.
 from __future__ import annotations
 
 import csv
-import json
 import math
-import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -29,6 +27,7 @@ from typing import Any, Optional
 from evlp.data.download.manifest import Manifest, now_iso, read_manifest, tool_versions, write_manifest
 from evlp.data.layouts import GLUE_TASKS
 from evlp.errors import DataNotFoundError, UnknownNameError
+from evlp.io import write_jsonl
 from evlp.registry import did_you_mean
 
 __all__ = ["GLUE_HUB_REPO", "download_glue", "glue_splits", "resolve_glue_tasks"]
@@ -225,15 +224,6 @@ def _from_hub(task: str, report: _Report, cache_dir: str | Path | None) -> None:
 
 
 # ---------------------------------------------------------------------- output
-def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
-        for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path.stat().st_size
-
-
 def _label_summary(rows: list[dict[str, Any]], regression: bool) -> dict[str, Any]:
     labels = [r["label"] for r in rows if r["label"] is not None]
     if not labels:
@@ -320,7 +310,7 @@ def download_glue(root: str | Path, *, task: str = "all", from_dir: str | Path |
         counts: dict[str, Any] = {}
         files_info: dict[str, Any] = {}
         for split, rows in report.rows.items():
-            size = _write_jsonl(out / f"{split}.jsonl", rows)
+            size = write_jsonl(out / f"{split}.jsonl", rows)
             counts[split] = {"rows": len(rows), "labels": _label_summary(rows, regression)}
             files_info[split] = {"rows": len(rows), "bytes": size}
         manifest = Manifest(

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import errno
 import gzip
-import json
 import os
 import re
 import tarfile
@@ -36,11 +35,13 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
-from evlp.data.download.archive import check_tar_member, is_complete, write_member, write_text_atomic
+from evlp.data.download.archive import check_tar_member, is_complete, write_member
 from evlp.data.download.manifest import Manifest, now_iso, read_manifest, tool_versions, write_manifest
+from evlp.data.layouts import IMAGE_SUFFIXES, IMAGENET_CLASSES_FILE, imagenet_wnids
 from evlp.errors import DataNotFoundError
+from evlp.io import read_json_object, write_json
 
-__all__ = ["IMAGENET_LAYOUT", "IMAGENET_REPO", "download_imagenet", "imagenet_classes"]
+__all__ = ["IMAGENET_LAYOUT", "IMAGENET_REPO", "download_imagenet"]
 
 Progress = Callable[[str, int, Optional[int]], None]
 """``progress(stage, done, total)``; total is None when unknown."""
@@ -52,22 +53,10 @@ IMAGENET_LAYOUT = ("train/<wnid>/*.JPEG, val/<wnid>/*.JPEG: ImageFolder, class i
                    "the markers of processed archives")
 SPLITS = ("train", "val")
 DOWNLOADS = "_downloads"
-CLASSES_FILE = "classes.json"
-IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
 _TRAIN_ARCHIVE = re.compile(r"^train_images_\d+\.tar\.gz$")
 _VAL_ARCHIVE = "val_images.tar.gz"
 _WNID = re.compile(r"^n\d{8}$")
 _EXAMPLES = 20  # unknown wnids / odd member names kept in the manifest
-
-
-def imagenet_classes() -> list[str]:
-    """The 1000 ImageNet-1k wnids in class-index order (sorted; the synsets timm ships)."""
-    from timm.data import ImageNetInfo
-
-    names = list(ImageNetInfo().label_names())
-    if len(names) != 1000 or names != sorted(names):  # pragma: no cover - guards a timm change
-        raise RuntimeError("timm's ImageNet-1k synset list is not 1000 sorted wnids; update timm")
-    return names
 
 
 def _hub_error(repo_id: str, reason: str) -> DataNotFoundError:
@@ -137,12 +126,9 @@ def _marker(folder: Path, archive: Path) -> Path:
 def _extract_archive(archive: Path, folder: Path, known: set[str], progress: Progress | None) -> dict[str, Any]:
     """Stream one archive into ``folder/<split>/<wnid>/``; the record of what it held (also the marker)."""
     marker = _marker(folder, archive)
-    try:
-        done = json.loads(marker.read_text(encoding="utf-8"))
-        if done.get("bytes") == archive.stat().st_size:
-            return done
-    except (OSError, ValueError):
-        pass
+    done = read_json_object(marker)
+    if done is not None and done.get("bytes") == archive.stat().st_size:
+        return done
     split = _archive_split(archive)
     record: dict[str, Any] = {"archive": archive.name, "split": split, "bytes": archive.stat().st_size,
                               "images": 0, "written": 0, "failures": {}, "unknown_classes": [], "odd_names": []}
@@ -186,8 +172,7 @@ def _extract_archive(archive: Path, folder: Path, known: set[str], progress: Pro
     record["unknown_classes"] = sorted(unknown)
     if progress is not None:
         progress(stage, record["images"], record["images"])
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(marker, json.dumps(record, indent=2) + "\n")
+    write_json(marker, record)
     return record
 
 
@@ -258,13 +243,7 @@ def _scan(folder: Path, classes: list[str]) -> tuple[dict[str, dict[str, int]], 
 
 
 def _write_classes(folder: Path, classes: list[str]) -> None:
-    path = folder / CLASSES_FILE
-    text = json.dumps(classes) + "\n"
-    if path.is_file() and path.read_text(encoding="utf-8") == text:
-        return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(folder / IMAGENET_CLASSES_FILE, classes, indent=None, skip_unchanged=True)
 
 
 def _manifest(folder: Path, classes: list[str], *, source: list[str], method: str,
@@ -287,7 +266,7 @@ def _manifest(folder: Path, classes: list[str], *, source: list[str], method: st
         dataset="imagenet", source=source, created=now_iso(), counts=counts,
         failures={k: v for k, v in sorted(failures.items()) if v}, tools=tool_versions("huggingface_hub", "timm"),
         layout=IMAGENET_LAYOUT,
-        extra={"method": method, "num_classes": len(classes), "classes_file": CLASSES_FILE,
+        extra={"method": method, "num_classes": len(classes), "classes_file": IMAGENET_CLASSES_FILE,
                "missing_classes": missing, "unknown_classes": sorted(unknown), "per_class": per_class,
                "archives": {r["archive"]: {k: r[k] for k in ("split", "bytes", "images")} for r in records},
                "odd_names": sorted({n for r in records for n in r.get("odd_names", [])})[:_EXAMPLES], **extra})
@@ -320,7 +299,7 @@ def download_imagenet(root: str | Path, *, token: str | None = None, from_dir: s
         UnsafeArchiveError: an archive member with an absolute or escaping path, a link, a device or a FIFO.
     """
     folder = Path(root) / "imagenet"
-    classes = imagenet_classes()
+    classes = list(imagenet_wnids())
     known = set(classes)
     records: list[dict[str, Any]] = []
     failures: dict[str, int] = {}

@@ -15,7 +15,6 @@ its encoded bytes stay in memory until its last caption is written (at most abou
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import zipfile
 import zlib
@@ -29,12 +28,14 @@ from urllib.parse import urlparse
 from PIL import Image
 
 from evlp.data.download.archive import check_zip_member, write_atomic
-from evlp.data.download.http import download, file_digest
+from evlp.data.download.http import download
 from evlp.data.download.manifest import Manifest, now_iso, read_manifest, tool_versions
 from evlp.data.download.shardwriter import (EncodedImage, ShardSample, encode_image, remove_stale_shards,
                                             shard_is_complete, shard_path, write_shard)
+from evlp.data.karpathy import caption_items, read_index
 from evlp.data.layouts import KARPATHY_INDEX, TRAIN_SHARDS
 from evlp.errors import ConfigError, DataNotFoundError
+from evlp.io import file_digest, write_json
 
 __all__ = ["KARPATHY_URL", "BuildReport", "Progress", "archive_name", "build_karpathy_dataset", "check_options",
            "delete_archives", "extract_member", "fetch", "make_manifest", "read_karpathy_json"]
@@ -111,37 +112,22 @@ def extract_member(archive: Path, member: str, dest: Path) -> Path:
 
 
 def read_karpathy_json(path: Path) -> dict[str, Any]:
-    """Read and check a Karpathy ``dataset_*.json``.
+    """Read and check a Karpathy ``dataset_*.json`` (with :func:`evlp.data.karpathy.read_index`).
 
     Raises:
         DataNotFoundError: the file is missing.
-        ConfigError: it is not a Karpathy-style JSON (no ``images`` list).
+        ConfigError: it is not a Karpathy-style JSON (not JSON, or no ``images`` list).
     """
     if not path.is_file():
         raise DataNotFoundError(f"Karpathy split file {path} does not exist — pass dataset_*.json or "
                                 "caption_datasets.zip.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path} is not valid JSON ({err}) — delete it and run again.") from err
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ConfigError(f"{path} has no top-level 'images' list — pass Karpathy's dataset_*.json.")
-    return data
+    return read_index(path)
 
 
 def _captions(entry: dict[str, Any]) -> list[tuple[str, Any]]:
-    """(caption, sentid) of each non-empty sentence."""
-    out = []
-    for s in entry.get("sentences") or []:
-        if not isinstance(s, dict):
-            continue
-        raw = s.get("raw")
-        if raw is None and s.get("tokens"):
-            raw = " ".join(s["tokens"])
-        if raw is not None and str(raw).strip():
-            # one line: some COCO captions carry stray newlines and double spaces
-            out.append((" ".join(str(raw).split()), s.get("sentid")))
-    return out
+    """(caption, sentid) of each non-empty sentence, on one line: some COCO captions carry stray newlines and
+    double spaces."""
+    return [(" ".join(text.split()), sentid) for text, sentid in caption_items(entry)]
 
 
 @dataclass
@@ -291,12 +277,8 @@ def _write_index(folder: Path, data: dict[str, Any], dataset: str, images: list[
             counts[str(entry["split"])]["captions"] += len(image.captions)
         if progress is not None and (n % 500 == 0 or n + 1 == len(images)):
             progress("index", n + 1, len(images))
-    text = json.dumps({"dataset": str(data.get("dataset") or dataset), "images": kept}) + "\n"
-    path = folder / KARPATHY_INDEX
-    if not path.is_file() or path.read_text(encoding="utf-8") != text:  # unchanged: leave it be
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+    write_json(folder / KARPATHY_INDEX, {"dataset": str(data.get("dataset") or dataset), "images": kept},
+               indent=None, skip_unchanged=True)
     report.counts.update(counts)
 
 

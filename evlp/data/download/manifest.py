@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from evlp.io import read_json_object, write_json
 
 MANIFEST = "MANIFEST.json"
 
@@ -59,21 +60,17 @@ def now_iso() -> str:
 
 def write_manifest(folder: str | os.PathLike[str], manifest: Manifest) -> Path:
     """Write ``folder/MANIFEST.json`` atomically (``created`` is filled in when empty)."""
-    from evlp.config.loader import write_atomic
-
     if not manifest.created:
         manifest.created = now_iso()
     path = Path(folder) / MANIFEST
-    write_atomic(path, json.dumps(manifest.to_json(), indent=2) + "\n")
+    write_json(path, manifest.to_json())
     return path
 
 
 def read_manifest(folder: str | os.PathLike[str]) -> Manifest | None:
     """The manifest of ``folder``, or None when it has none (or an unreadable one)."""
-    path = Path(folder) / MANIFEST
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    data = read_json_object(Path(folder) / MANIFEST)
+    if data is None:
         return None
     known = {f for f in Manifest.__dataclass_fields__}
     return Manifest(**{k: v for k, v in data.items() if k in known})

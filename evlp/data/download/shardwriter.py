@@ -1,10 +1,19 @@
-"""Write webdataset tar shards in img2dataset's layout, atomically and resumably.
+"""The one writer of webdataset tar shards in img2dataset's layout, atomic and resumable.
 
-A shard ``NNNNN.tar`` holds each sample as consecutive members ``KEY.jpg``, ``KEY.txt`` and ``KEY.json``;
+Every shard evlp writes goes through :func:`write_shard`: ``evlp data synth`` and the COCO / Flickr30K
+downloaders alike (CC3M / CC12M shards are written by img2dataset itself, in the same layout). A shard
+``NNNNN.tar`` (USTAR) holds each sample as consecutive members ``KEY.jpg``, ``KEY.txt`` and ``KEY.json``;
 a sibling ``NNNNN_stats.json`` counts them (``"successes"``, as img2dataset writes it) and records the
-plan the shard was written for. The tar is written under a hidden temporary name and renamed, and the
-stats file is written after it, so a shard is complete exactly when its stats file exists and matches
-the plan — a re-run skips complete shards and rewrites the others.
+plan the shard was written for. The tar is written under a hidden temporary name and renamed
+(:func:`evlp.io.atomic_file`), and the stats file is written after it, so a shard is complete exactly when
+its stats file exists and matches the plan — a re-run skips complete shards and rewrites the others.
+Members get a fixed time, mode and owner, so the same samples give byte-identical shards.
+
+Why not ``webdataset.TarWriter``: it would write the same kind of tar, but it orders a sample's members
+by sorted extension (``KEY.jpg, KEY.json, KEY.txt``, unlike the shards evlp has written so far), and
+importing ``webdataset`` imports torch (over a second), which ``evlp data synth`` and the downloaders
+otherwise never load. The ``tarfile`` code it would replace is a few lines, so evlp keeps its own writer
+and does not depend on ``webdataset``; the readers (:mod:`evlp.data.shards`) never needed it either.
 """
 
 from __future__ import annotations
@@ -19,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from evlp.data.layouts import read_stats, stats_path
+from evlp.io import atomic_file, write_json
 
 __all__ = ["EncodedImage", "ShardSample", "encode_image", "remove_stale_shards", "shard_is_complete",
            "shard_path", "stats_path", "write_shard"]
@@ -93,34 +105,16 @@ def shard_path(folder: str | os.PathLike[str], index: int) -> Path:
     return Path(folder) / f"{index:05d}.tar"
 
 
-def stats_path(shard: Path) -> Path:
-    """``NNNNN_stats.json`` beside ``NNNNN.tar``."""
-    return shard.with_name(f"{shard.stem}_stats.json")
-
-
-def _read_stats(shard: Path) -> dict[str, Any] | None:
-    try:
-        stats = json.loads(stats_path(shard).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return stats if isinstance(stats, dict) else None
-
-
 def shard_is_complete(shard: Path, plan: dict[str, Any]) -> dict[str, Any] | None:
     """The stats of ``shard`` if it was completely written for ``plan``, else None."""
-    stats = _read_stats(shard)
+    stats = read_stats(shard)
     if stats is None or stats.get("plan") != plan or not shard.is_file():
         return None
     return stats
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add one member with a fixed time and mode (root-owned, as ``TarInfo`` defaults)."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), _MTIME, 0o644
     tar.addfile(info, io.BytesIO(data))
@@ -143,8 +137,7 @@ def write_shard(shard: Path, samples: list[ShardSample], *, plan: dict[str, Any]
     """
     shard.parent.mkdir(parents=True, exist_ok=True)
     stats_path(shard).unlink(missing_ok=True)  # the shard is incomplete from here until the stats are back
-    tmp = shard.with_name(f".{shard.name}.{os.getpid()}.tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_file(shard) as out, tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for s in samples:
             meta = {"key": s.key, "caption": s.caption, **s.meta, "width": s.image.width,
                     "height": s.image.height, "original_width": s.image.original_width,
@@ -152,7 +145,6 @@ def write_shard(shard: Path, samples: list[ShardSample], *, plan: dict[str, Any]
             _add(tar, f"{s.key}.{s.image.ext}", s.image.data)
             _add(tar, f"{s.key}.txt", s.caption.encode("utf-8"))
             _add(tar, f"{s.key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
-    os.replace(tmp, shard)
     status: dict[str, int] = {"success": len(samples)}
     failures: dict[str, set[str]] = {}
     for reason, item in failed:
@@ -161,7 +153,7 @@ def write_shard(shard: Path, samples: list[ShardSample], *, plan: dict[str, Any]
     stats = {"count": len(samples) + len(failed), "successes": len(samples), "failed_to_download": 0,
              "failed_to_resize": len(failed), "status_dict": status,
              "failures": {k: sorted(v) for k, v in sorted(failures.items())}, "plan": plan}
-    _write_json(stats_path(shard), stats)
+    write_json(stats_path(shard), stats)
     return stats
 
 

@@ -1,4 +1,4 @@
-"""GLUE metrics over whole splits, against scikit-learn and scipy."""
+"""GLUE metrics over whole splits, against scikit-learn and scipy and against brute force written out here."""
 
 from __future__ import annotations
 
@@ -97,3 +97,93 @@ def test_errors_name_the_problem() -> None:
         glue_metrics("sst2", [1, 0, 1], [1, 0])
     with pytest.raises(ValueError, match="no predictions"):
         glue_metrics("sst2", [], [])
+
+
+# ------------------------------------------------------------------ against brute force written out here
+def _brute_accuracy(pred: list[int], true: list[int]) -> float:
+    return 100.0 * sum(p == t for p, t in zip(pred, true)) / len(true)
+
+
+def _brute_f1(pred: list[int], true: list[int], positive: int = 1) -> float:
+    tp = sum(p == positive and t == positive for p, t in zip(pred, true))
+    fp = sum(p == positive and t != positive for p, t in zip(pred, true))
+    fn = sum(p != positive and t == positive for p, t in zip(pred, true))
+    return 200.0 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def _brute_mcc(pred: list[int], true: list[int]) -> float:
+    """Matthews' correlation as the correlation of the one-hot codings (Gorodkin's R_K): the summed covariance
+    of the class indicator columns over the root of the summed variances; 0 when a side is constant."""
+    classes = sorted(set(pred) | set(true))
+    n = len(true)
+
+    def cov(a: list[int], b: list[int]) -> float:
+        total = 0.0
+        for k in classes:
+            xa = [1.0 if v == k else 0.0 for v in a]
+            xb = [1.0 if v == k else 0.0 for v in b]
+            ma, mb = sum(xa) / n, sum(xb) / n
+            total += sum((u - ma) * (w - mb) for u, w in zip(xa, xb))
+        return total
+
+    denom = (cov(pred, pred) * cov(true, true)) ** 0.5
+    return cov(pred, true) / denom if denom else 0.0
+
+
+def _brute_pearson(x: list[float], y: list[float]) -> float:
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    return sxy / (sxx * syy) ** 0.5
+
+
+def _average_ranks(x: list[float]) -> list[float]:
+    """1-based ranks, tied values sharing the mean of the ranks they span."""
+    return [sum(1 for b in x if b < a) + (sum(1 for b in x if b == a) + 1) / 2 for a in x]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_classification_metrics_match_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(5, 300))
+    labels = rng.integers(0, 2, n)
+    pred = np.where(rng.random(n) < rng.uniform(0.3, 0.9), labels, 1 - labels)
+    mrpc = glue_metrics("mrpc", pred, labels)
+    assert mrpc["accuracy"] == pytest.approx(_brute_accuracy(pred.tolist(), labels.tolist()))
+    assert mrpc["f1"] == pytest.approx(_brute_f1(pred.tolist(), labels.tolist()))
+    assert glue_metrics("cola", pred, labels)["mcc"] == pytest.approx(_brute_mcc(pred.tolist(), labels.tolist()))
+    three, guess = rng.integers(0, 3, n), rng.integers(0, 3, n)
+    guess[: n // 2] = three[: n // 2]
+    mnli = glue_metrics("mnli", guess, three)
+    assert mnli["accuracy"] == pytest.approx(_brute_accuracy(guess.tolist(), three.tolist()))
+    from evlp.eval.glue_metrics import matthews_corr
+
+    assert matthews_corr(guess, three) == pytest.approx(_brute_mcc(guess.tolist(), three.tolist()))
+
+
+def test_edge_cases_match_brute_force() -> None:
+    assert glue_metrics("qqp", [0, 0, 0], [0, 0, 0])["f1"] == _brute_f1([0, 0, 0], [0, 0, 0]) == 0.0
+    assert glue_metrics("mrpc", [1, 1, 1, 1], [1, 0, 0, 1])["f1"] == pytest.approx(_brute_f1([1, 1, 1, 1], [1, 0, 0, 1]))
+    assert glue_metrics("cola", [0, 0, 0, 0], [1, 0, 1, 0])["mcc"] == _brute_mcc([0, 0, 0, 0], [1, 0, 1, 0]) == 0.0
+    assert glue_metrics("cola", [1, 0, 1, 0], [0, 1, 0, 1])["mcc"] == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_correlations_match_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(200 + seed)
+    labels = np.round(rng.uniform(0, 5, 80), 1)  # repeated values: tied ranks
+    pred = np.round(labels + rng.normal(0, 1.5, 80), 0)
+    out = glue_metrics("stsb", pred, labels)
+    assert out["pearson"] == pytest.approx(_brute_pearson(pred.tolist(), labels.tolist()), abs=1e-9)
+    spearman = _brute_pearson(_average_ranks(pred.tolist()), _average_ranks(labels.tolist()))
+    assert out["spearman"] == pytest.approx(spearman, abs=1e-9)
+
+
+def test_whole_split_matches_brute_force_not_the_batch_mean() -> None:
+    labels = [1, 0, 0, 0, 1, 1, 1, 1]
+    pred = [1, 0, 0, 0, 1, 0, 0, 0]
+    whole = glue_metrics("mrpc", pred, labels)["f1"]
+    assert whole == pytest.approx(_brute_f1(pred, labels)) == pytest.approx(400 / 7)
+    assert whole != pytest.approx((_brute_f1(pred[:4], labels[:4]) + _brute_f1(pred[4:], labels[4:])) / 2)
+    assert glue_metrics("cola", pred, labels)["mcc"] == pytest.approx(_brute_mcc(pred, labels))

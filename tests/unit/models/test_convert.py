@@ -353,7 +353,7 @@ def test_every_torch_load_is_the_tensor_only_helper(tmp_path: Path) -> None:
 
     import evlp
     from evlp.config.schema import TextTowerConfig
-    from evlp.train.glue import source_pooler
+    from evlp.models.heads import source_pooler
 
     folder = tmp_path / "bert"
     folder.mkdir()

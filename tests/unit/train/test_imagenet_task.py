@@ -11,8 +11,10 @@ from evlp.config import from_dict
 from evlp.config.imagenet import ImageNetConfig
 from evlp.config.schema import ImageTowerConfig
 from evlp.errors import ConfigError
-from evlp.models.image import Data2Vec2ImageTower, TimmImageTower
-from evlp.train.imagenet import ImageClassifier, layer_decay_groups, resize_tower, topk_accuracy
+from evlp.eval.imagenet import topk_accuracy
+from evlp.models.heads import ImageClassifier
+from evlp.models.image import Data2Vec2ImageTower, TimmImageTower, resize_tower
+from evlp.train.imagenet import layer_decay_groups
 
 
 def _tower(depth: int = 3, width: int = 32, img_size: int = 32) -> Data2Vec2ImageTower:

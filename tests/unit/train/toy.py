@@ -25,7 +25,7 @@ from evlp.config.schema import OptimConfig, TrainConfig
 from evlp.data.loader import EpochBatches
 from evlp.dist import DistInfo
 from evlp.errors import EvlpError
-from evlp.train.task import TaskBase
+from evlp.train.task import Task
 
 
 class Noisy(torch.utils.data.Dataset):
@@ -48,7 +48,7 @@ def collate(rows: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
     return {"x": torch.stack([r[0] for r in rows]), "y": torch.stack([r[1] for r in rows])}
 
 
-class ToyTask(TaskBase):
+class ToyTask(Task):
     """MLP regression. ``nan_from``: the loss is NaN from that training_step call on; ``signal_at``: send
     ``signum`` to this process during that call; ``num_workers``: DataLoader workers."""
 

@@ -1,0 +1,32 @@
+"""Where a command's data is: the one rule behind every ``--root`` and ``--data``.
+
+``--root`` is the data root (``paths.data``, default ``./data``), where ``evlp data download --out`` puts each
+dataset in its own folder. ``--data`` names a dataset: a folder name under the root (``coco``, ``cc3m``,
+``imagenet``, ``synth`` ...) or a path to a folder. A value that is an existing path, an absolute path, or one
+written with a folder separator (``./x``, ``data/coco``) is a path; anything else is a name under the root.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def dataset_folder(data: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Path:
+    """The folder ``--data`` means, given the data root ``root`` (default ``data``).
+
+    >>> dataset_folder("coco", "/d")
+    PosixPath('/d/coco')
+    >>> dataset_folder("/x/coco", "/d")
+    PosixPath('/x/coco')
+    """
+    if is_path(data):
+        return Path(os.fspath(data)).expanduser()
+    return Path(root if root is not None else "data") / os.fspath(data)
+
+
+def is_path(data: str | os.PathLike[str]) -> bool:
+    """Whether ``--data`` is a folder path rather than a dataset name under the root (see the module docstring)."""
+    text = os.fspath(data)
+    path = Path(text).expanduser()
+    return path.is_absolute() or os.sep in text or "/" in text or text.startswith((".", "~")) or path.exists()

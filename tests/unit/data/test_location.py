@@ -1,0 +1,31 @@
+"""``--data NAME|PATH`` under ``--root``: the one resolution rule, checked case by case."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from evlp.data.location import dataset_folder
+
+
+@pytest.mark.parametrize("data,expected", [
+    ("coco", "ROOT/coco"),                 # a bare name: under the root
+    ("/abs/coco", "/abs/coco"),            # absolute: itself
+    ("sub/coco", "sub/coco"),              # written with a separator: a path
+    ("./coco", "coco"),                    # explicitly relative: a path
+])
+def test_names_and_paths(tmp_path: Path, data: str, expected: str) -> None:
+    got = dataset_folder(data, tmp_path)
+    want = Path(expected.replace("ROOT", str(tmp_path)))
+    assert got == want
+
+
+def test_an_existing_folder_wins_over_a_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert dataset_folder("here", "/elsewhere") == Path("here")
+    assert dataset_folder("absent", "/elsewhere") == Path("/elsewhere/absent")
+    assert dataset_folder("absent") == Path("data") / "absent"
+    assert os.fspath(dataset_folder(Path("here"), "/r")) == "here"
