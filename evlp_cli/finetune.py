@@ -25,12 +25,12 @@ app = typer.Typer(help="Fine-tune a pretrained checkpoint downstream.", no_args_
 
 def _dataset(data: str, root: Optional[Path]) -> dict[str, Any]:
     """``--data``/``--root`` as the fine-tuning config's ``data`` (the root) and ``dataset`` (a folder in it)."""
-    from evlp.data.location import is_path
+    from evlp.data.location import dataset_folder, is_path
 
-    if is_path(data):
-        folder = Path(data).expanduser()
-        return {"data": folder.parent, "dataset": folder.name}
-    return {"data": root, "dataset": data}
+    if root is None and not is_path(data):  # a bare name without --root: paths.data decides the root
+        return {"dataset": data}
+    folder = dataset_folder(data, root)
+    return {"data": folder.parent, "dataset": folder.name}
 
 
 def _run(finetune: Any, schema: type, command: str, recipe: str, config: Optional[str], overrides: Optional[list[str]],

@@ -2,8 +2,10 @@
 
 ``--root`` is the data root (``paths.data``, default ``./data``), where ``evlp data download --out`` puts each
 dataset in its own folder. ``--data`` names a dataset: a folder name under the root (``coco``, ``cc3m``,
-``imagenet``, ``synth`` ...) or a path to a folder. A value that is an existing path, an absolute path, or one
-written with a folder separator (``./x``, ``data/coco``) is a path; anything else is a name under the root.
+``imagenet``, ``synth`` ..., or ``synth/test`` below it) or a path to a folder. In order: an absolute path, or
+one that exists from the working folder, is that path; else a folder that exists under the root is that one;
+else a value written like a path (``./x``, ``~/x``, ``a/b``) is that path and anything else is a name under
+the root (either way the command then says what is missing).
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ def dataset_folder(data: str | os.PathLike[str], root: str | os.PathLike[str] | 
     >>> dataset_folder("/x/coco", "/d")
     PosixPath('/x/coco')
     """
-    if is_path(data):
-        return Path(os.fspath(data)).expanduser()
-    return Path(root if root is not None else "data") / os.fspath(data)
+    path = Path(os.fspath(data)).expanduser()
+    under_root = Path(root if root is not None else "data") / os.fspath(data)
+    if path.is_absolute() or path.exists():
+        return path
+    if under_root.exists():
+        return under_root
+    return path if is_path(data) else under_root
 
 
 def is_path(data: str | os.PathLike[str]) -> bool:

@@ -29,3 +29,21 @@ def test_an_existing_folder_wins_over_a_name(tmp_path: Path, monkeypatch: pytest
     assert dataset_folder("absent", "/elsewhere") == Path("/elsewhere/absent")
     assert dataset_folder("absent") == Path("data") / "absent"
     assert os.fspath(dataset_folder(Path("here"), "/r")) == "here"
+
+
+def test_a_relative_path_under_the_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "root" / "synth" / "test").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert dataset_folder("synth/test", tmp_path / "root") == tmp_path / "root" / "synth" / "test"
+    assert dataset_folder("root/synth", "/elsewhere") == Path("root/synth")  # exists from here: that path
+
+
+def test_finetune_data_options_become_root_and_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from evlp_cli.finetune import _dataset
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r" / "coco").mkdir(parents=True)
+    assert _dataset("coco", None) == {"dataset": "coco"}  # paths.data decides the root
+    assert _dataset("coco", tmp_path / "r") == {"data": tmp_path / "r", "dataset": "coco"}
+    assert _dataset(str(tmp_path / "x" / "shapes"), None) == {"data": tmp_path / "x", "dataset": "shapes"}
+    assert _dataset("r/coco", None) == {"data": Path("r"), "dataset": "coco"}
