@@ -39,6 +39,10 @@ class RunInterrupted(EvlpError):
         self.exit_code = exit_code
 
 
+def _ignore_signal(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal handler signature
+    """A Python-level handler that does nothing."""
+
+
 class StopSignals:
     """Context manager that turns stop signals into a request the loop polls (:attr:`requested`).
 
@@ -57,10 +61,12 @@ class StopSignals:
         if self.requested is None:
             self.requested = name
             # a scheduler may signal every process, DataLoader workers included: from now on a worker's death
-            # must not raise in the middle of the final step or checkpoint (torch's SIGCHLD handler would)
+            # must not raise in the middle of the final step or checkpoint (torch's SIGCHLD handler would). A
+            # Python no-op rather than SIG_DFL: a SIGCHLD already pending when the handler changes would make
+            # Python raise "Signal 17 ignored due to race condition" instead
             sigchld = getattr(signal, "SIGCHLD", None)
             if sigchld is not None and sigchld not in self._previous:
-                self._previous[sigchld] = signal.signal(sigchld, signal.SIG_DFL)
+                self._previous[sigchld] = signal.signal(sigchld, _ignore_signal)
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -144,11 +150,6 @@ def _human(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TB"
-
-
-def folder_size(path: Path) -> int:
-    """Total bytes of the files below ``path`` (0 when it does not exist)."""
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
 def _disk_full(exc: BaseException | None) -> bool:
