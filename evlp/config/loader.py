@@ -75,6 +75,28 @@ def merge(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- dict <-> dataclass
+def lookup(tree: Any, dotted: str) -> Any:
+    """The value at ``a.b.c`` in a nested dict, or None where the path does not exist."""
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def differences(saved: Any, now: Any, key: str = "", *, common_only: bool = False) -> list[str]:
+    """The dotted keys whose values differ between two config trees, sections compared key by key.
+
+    A key absent on one side counts as None, or is passed over with ``common_only`` (e.g. settings a newer
+    release added that an older record lacks).
+    """
+    if isinstance(saved, dict) and isinstance(now, dict):
+        keys = [k for k in now if k in saved] if common_only else list({**saved, **now})
+        return [d for k in keys
+                for d in differences(saved.get(k), now.get(k), f"{key}.{k}" if key else k, common_only=common_only)]
+    return [] if saved == now else [key]
+
+
 def to_dict(obj: Any) -> Any:
     """A dataclass (tree) as plain YAML-safe Python: dicts, lists, scalars."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

@@ -25,7 +25,7 @@ from evlp.data.glue_data import GlueCollator, load_glue_split
 from evlp.data.layouts import GLUE_TASKS
 from evlp.dist import DistInfo, gather_objects, shard_range
 from evlp.eval.glue_metrics import glue_metrics
-from evlp.eval.results import GlueResult, checkpoint_config_hash
+from evlp.eval.results import GlueResult, checkpoint_config_hash, training_protocol
 from evlp.models.heads import GlueClassifier
 
 
@@ -137,17 +137,14 @@ def load_glue_classifier(ckpt: str | Path, device: str | None = None) -> GlueChe
     return GlueCheckpoint(model=model, collate=collate, task=head["task"], config=raw, path=path)
 
 
-def _protocol(config: dict[str, Any], task: str, step: Any) -> dict[str, Any]:
-    """How a checkpoint was fine-tuned and scored, from its ``config.yaml`` (recorded with each result)."""
-    ft, head = config.get("finetune") or {}, config["classifier"]
-    train, optim = ft.get("train") or {}, ft.get("optim") or {}
+def _protocol(loaded: GlueCheckpoint) -> dict[str, Any]:
+    """How a checkpoint was fine-tuned and scored (recorded with each result)."""
+    head = loaded.config["classifier"]
     return {
         "model": "text tower + BERT pooler + linear head, fine-tuned", "pooler": head.get("pooler"),
         "pooler_source": head.get("pooler_source"), "max_length": head["max_length"],
-        "epochs": train.get("epochs"), "max_steps": train.get("max_steps"),
-        "lr": optim.get("lr"), "batch_size": train.get("batch_size"),
-        "seed": train.get("seed"), "step": step,
-        "main_metric": GLUE_TASKS[task].metric, "metrics_over": "the whole split (not averaged per batch)",
+        **training_protocol(loaded.path, loaded.config),
+        "main_metric": GLUE_TASKS[loaded.task].metric, "metrics_over": "the whole split (not averaged per batch)",
     }
 
 
@@ -171,8 +168,7 @@ def evaluate_glue(ckpt: str | Path, data_root: str | Path, *, run_dir: str | Pat
     """
     loaded = load_glue_classifier(ckpt, device)
     task = loaded.task
-    state = read_json(loaded.path / "trainer_state.json", {}) or {}
-    protocol = _protocol(loaded.config, task, state.get("step"))
+    protocol = _protocol(loaded)
     results = []
     for split in GLUE_TASKS[task].validation:
         t0 = time.perf_counter()

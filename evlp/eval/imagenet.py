@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from evlp.checkpoint import CONFIG, load_weights_into, read_json, read_task_checkpoint
+from evlp.checkpoint import CONFIG, load_weights_into, read_task_checkpoint
 from evlp.config.loader import from_dict
 from evlp.config.schema import ModelConfig
 from evlp.data.imagefolder import classification_eval_transform, collate_images, image_folder
 from evlp.dist import DistInfo, gather_objects, shard_range
 from evlp.errors import CheckpointError
-from evlp.eval.results import ClassificationResult, checkpoint_config_hash
+from evlp.eval.results import ClassificationResult, checkpoint_config_hash, training_protocol
 from evlp.eval.topk import topk_correct
 from evlp.models.heads import ImageClassifier
 
@@ -110,15 +110,12 @@ def load_image_classifier(ckpt: str | Path, device: str | None = None) -> ImageC
                                      path=path)
 
 
-def _protocol(config: dict[str, Any], split: str, step: Any) -> dict[str, Any]:
-    """How a checkpoint was fine-tuned and scored, from its ``config.yaml`` (recorded with the result)."""
-    ft, head = config.get("finetune") or {}, config["classifier"]
-    train, optim = ft.get("train") or {}, ft.get("optim") or {}
+def _protocol(loaded: ImageClassifierCheckpoint, split: str) -> dict[str, Any]:
+    """How a checkpoint was fine-tuned and scored (recorded with the result)."""
+    ft, head = loaded.config.get("finetune") or {}, loaded.config["classifier"]
     return {
         "mode": "linear probe" if bool(head["linear"]) else "fine-tune", "img_size": head["img_size"],
-        "pool": head["pool"], "layer_decay": head.get("layer_decay"),
-        "epochs": train.get("epochs"), "max_steps": train.get("max_steps"), "batch_size": train.get("batch_size"),
-        "lr": optim.get("lr"), "seed": train.get("seed"), "step": step,
+        "pool": head["pool"], "layer_decay": head.get("layer_decay"), **training_protocol(loaded.path, loaded.config),
         "auto_augment": ft.get("auto_augment"), "mixup": ft.get("mixup"), "cutmix": ft.get("cutmix"),
         "smoothing": ft.get("smoothing"), "eval_crop_ratio": head["eval_crop_ratio"],
         "metrics_over": f"every image of {split}/ once",
@@ -147,9 +144,8 @@ def evaluate_imagenet(ckpt: str | Path, data_root: str | Path, *, dataset: str |
     dataset = dataset or (loaded.config.get("finetune") or {}).get("dataset") or TASK
     images = image_folder(data_root, dataset, split, loaded.transform, classes=loaded.classes)
     metrics = topk_accuracy(loaded.model, images, batch_size=batch_size, num_workers=num_workers)
-    state = read_json(loaded.path / "trainer_state.json", {}) or {}
     res = ClassificationResult(task=TASK, dataset=dataset, split=split, checkpoint=str(loaded.path), metrics=metrics,
-                     protocol=_protocol(loaded.config, split, state.get("step")),
+                     protocol=_protocol(loaded, split),
                      config_hash=checkpoint_config_hash(loaded.path), seconds=time.perf_counter() - t0,
                      details={"n_images": len(images), "n_classes": len(loaded.classes)})
     if out is not None:

@@ -66,6 +66,18 @@ class GlueResult(EvalResult):
     """One GLUE task and split: ``metrics`` holds the task's metrics (accuracy, f1, mcc, pearson, spearman)."""
 
 
+def training_protocol(ckpt: str | os.PathLike[str], config: dict[str, Any]) -> dict[str, Any]:
+    """How a fine-tuning checkpoint was trained, from its ``config.yaml`` (``config``) and the step it was saved
+    at: epochs, max_steps, lr, batch_size, seed, step (what every fine-tuned result records in its protocol)."""
+    from evlp.checkpoint import TRAINER_STATE, read_json
+
+    ft = config.get("finetune") or {}
+    train, optim = ft.get("train") or {}, ft.get("optim") or {}
+    step = (read_json(Path(ckpt) / TRAINER_STATE, {}) or {}).get("step")
+    return {"epochs": train.get("epochs"), "max_steps": train.get("max_steps"), "lr": optim.get("lr"),
+            "batch_size": train.get("batch_size"), "seed": train.get("seed"), "step": step}
+
+
 def config_hash(config_text: str) -> str:
     """A short, stable hash of a resolved config's YAML text."""
     return hashlib.sha256(config_text.encode("utf-8")).hexdigest()[:12]

@@ -183,6 +183,7 @@ class _Run:
         self.maximize = task.monitor_mode == "max"
         self.validates = task.monitor is not None
         self.eval_every = train.eval_every or self.steps_per_epoch
+        self.settings = schedule_record(optim, train, self.total, self.lr)  # saved with, and compared to, checkpoints
 
     def _resume(self, ckpt: Path) -> dict | None:
         state = self.ckpt.load(ckpt)
@@ -190,8 +191,7 @@ class _Run:
         self.best = state.get("best_metric")
         lrs = set_schedule_position(self.optimizer, self.scheduler, self.fresh_groups, self.step)
         saved = state.get("settings")
-        now = schedule_record(self.optim, self.train, self.total, self.lr)
-        changed = changes(saved, now) if saved else []
+        changed = changes(saved, self.settings) if saved else []
         if changed:
             self.notes.append(f"resumed at step {self.step} with changed settings: {'; '.join(changed)}; they "
                               f"take effect from step {self.step + 1} (learning rate now {lrs[0]:.4g}, "
@@ -215,7 +215,7 @@ class _Run:
                 "epoch": self.step / self.steps_per_epoch, "seconds": self.elapsed + time.perf_counter() - self.t0,
                 "world_size": self.dist.world_size, "global_batch": self.global_batch,
                 "metrics": self.last_metrics, "best_metric": self.best, "monitor": self.monitor,
-                "settings": schedule_record(self.optim, self.train, self.total, self.lr)}
+                "settings": self.settings}
 
     def _check_finite(self, weights: bool) -> None:
         """Stop with :class:`TrainingDivergedError` if any rank saw a non-finite loss (or, with ``weights``,
@@ -238,9 +238,11 @@ class _Run:
 
     def _save(self) -> Path:
         self._check_finite(weights=True)
-        path = self.ckpt.save(self.step, self._state(), self.module)
-        self.last_saved = self.step
-        return path
+        return self.ckpt.save(self.step, self._state(), self.module)
+
+    def _saved_now(self) -> bool:
+        """Whether the newest checkpoint (the one written or resumed from) is of the current step."""
+        return self.ckpt.last is not None and step_of(self.ckpt.last) == self.step
 
     # ------------------------------------------------------------------ one step
     def _optimisation_step(self, batches: Any) -> bool:
@@ -318,7 +320,7 @@ class _Run:
         if not code:
             return
         name = StopSignals.name_of(code)
-        if self.last_saved != self.step:
+        if not self._saved_now():
             self._save()
         ckpt = self.run_dir / CKPT_DIR / checkpoint_name(self.step)
         raise RunInterrupted(f"stopped by {name}: checkpoint at step {self.step} ({ckpt}); continue with --resume",
@@ -345,7 +347,7 @@ class _Run:
                 self.progress.message(note)
             self.progress.start(self.total, self.step, self.task.name)
         try:
-            self._loop(data_state, stop, resumed_from)
+            self._loop(data_state, stop)
         finally:
             if self.progress is not None:
                 self.progress.stop()
@@ -359,13 +361,12 @@ class _Run:
             best_checkpoint=best_checkpoint(self.run_dir), validations=self.validations, resumed_from=resumed_from,
             skipped_samples=self.task.skipped_samples, notes=self.notes)
 
-    def _loop(self, data_state: dict | None, stop: int, resumed_from: int | None) -> None:
+    def _loop(self, data_state: dict | None, stop: int) -> None:
         batches = iter(self.task.train_batches(self.dist, data_state))
         self.module.train()
         self.window: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.t0 = self.t_window = time.perf_counter()
         self.window_samples = 0
-        self.last_saved = self.step if resumed_from is not None else -1
         try:
             self._steps(batches, stop)
         finally:
@@ -387,6 +388,6 @@ class _Run:
                 self.progress.update(step, {})
             if self.validates and (step % self.eval_every == 0 or step == self.total):
                 self._validate()
-            if (step % train.ckpt_every == 0 or step == stop) and self.last_saved != step:
+            if (step % train.ckpt_every == 0 or step == stop) and not self._saved_now():
                 self._save()
             self._stop_if_signalled()

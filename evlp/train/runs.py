@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from evlp.checkpoint import CKPT_DIR, CONFIG, latest_checkpoint
-from evlp.config.loader import dump_yaml, read_yaml, to_dict
+from evlp.config.loader import differences, dump_yaml, lookup, read_yaml, to_dict
 from evlp.dist import is_main_process
 from evlp.errors import ConfigError
 
@@ -166,21 +166,6 @@ def env_record() -> dict[str, Any]:
     }
 
 
-def _lookup(tree: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return None
-        tree = tree[part]
-    return tree
-
-
-def _differences(saved: Any, now: Any, key: str) -> list[str]:
-    """The dotted keys under ``key`` whose values differ (sections are compared key by key)."""
-    if isinstance(saved, dict) and isinstance(now, dict):
-        return [d for k in {**saved, **now} for d in _differences(saved.get(k), now.get(k), f"{key}.{k}")]
-    return [] if saved == now else [key]
-
-
 def _show(value: Any) -> str:
     text = json.dumps(value, default=str)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -219,9 +204,9 @@ def check_run_dir(cfg: Any, resume: bool, fixed: Iterable[str] = ()) -> Path | N
     if saved_file.is_file():
         saved, now = read_yaml(saved_file), to_dict(cfg)
         keys = (*ALWAYS_FIXED, *fixed)
-        changed = [d for k in keys for d in _differences(_lookup(saved, k), _lookup(now, k), k)]
+        changed = [d for k in keys for d in differences(lookup(saved, k), lookup(now, k), k)]
         if changed:
-            shown = ", ".join(f"{k} ({_show(_lookup(saved, k))} -> {_show(_lookup(now, k))})" for k in changed[:6])
+            shown = ", ".join(f"{k} ({_show(lookup(saved, k))} -> {_show(lookup(now, k))})" for k in changed[:6])
             raise ConfigError(f"--resume cannot change {shown}{' ...' if len(changed) > 6 else ''}: these are "
                               f"fixed for the life of the run saved in {saved_file}; drop those overrides (omit "
                               "--config to reuse the run's own), or start a new run with another --out")

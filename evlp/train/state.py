@@ -26,10 +26,10 @@ from evlp.checkpoint import (
     read_json,
     write_json,
 )
-from evlp.config.loader import write_atomic
+from evlp.config.loader import differences, lookup, write_atomic
 from evlp.config.schema import OptimConfig, TrainConfig
 from evlp.errors import CheckpointError
-from evlp.train.guard import Control, folder_size, write_failure
+from evlp.train.guard import Control, write_failure
 from evlp.train.task import Task
 
 SCHEDULER_STATE = "scheduler.pt"
@@ -65,11 +65,10 @@ def schedule_record(optim: OptimConfig, train: TrainConfig, total: int, lr: floa
     return json.loads(json.dumps(record))  # tuples as lists, as they come back from the checkpoint
 
 
-def changes(saved: Any, now: Any, key: str = "") -> list[str]:
-    """``"key old -> new"`` for every leaf of ``now`` that differs from ``saved`` (absent keys are skipped)."""
-    if isinstance(saved, dict) and isinstance(now, dict):
-        return [c for k in now if k in saved for c in changes(saved[k], now[k], f"{key}.{k}" if key else k)]
-    return [] if saved == now else [f"{key} {saved} -> {now}"]
+def changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``"key old -> new"`` for every setting of ``now`` that differs from ``saved`` (keys ``saved`` lacks are
+    passed over)."""
+    return [f"{k} {lookup(saved, k)} -> {lookup(now, k)}" for k in differences(saved, now, common_only=True)]
 
 
 class Checkpointer:
@@ -108,10 +107,11 @@ class Checkpointer:
         prune_checkpoints(self.run_dir, self.keep)
 
     def _needed(self, previous: Path | None, module: Any) -> int:
-        if previous is not None:
-            return folder_size(previous)
-        weights = sum(p.numel() * p.element_size() for p in module.parameters())
-        return 3 * weights  # weights + two AdamW moments
+        """Bytes a checkpoint takes: the previous one's recorded file sizes, else weights + two AdamW moments."""
+        files = (read_json(previous / TRAINER_STATE, {}) or {}).get("files") if previous is not None else None
+        if files:
+            return sum(int(f["size"]) for f in files.values())
+        return 3 * sum(p.numel() * p.element_size() for p in module.parameters())
 
     def save(self, step: int, state: dict[str, Any], module: Any) -> Path:
         acc = self.acc
