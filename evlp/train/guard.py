@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import signal
 import threading
@@ -39,8 +40,22 @@ class RunInterrupted(EvlpError):
         self.exit_code = exit_code
 
 
-def _ignore_signal(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal handler signature
-    """A Python-level handler that does nothing."""
+def _stop_signal_of_dead_child() -> str | None:
+    """The stop signal (a key of :data:`STOP_SIGNALS`) that killed a child process waiting to be reaped, if any.
+
+    Looks without reaping (``WNOWAIT``), so the DataLoader still collects its own workers.
+    """
+    try:
+        info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except (ChildProcessError, OSError, AttributeError):
+        return None
+    if info is None or info.si_code not in (os.CLD_KILLED, os.CLD_DUMPED):
+        return None
+    try:
+        name = signal.Signals(info.si_status).name
+    except ValueError:
+        return None
+    return name if name in STOP_SIGNALS else None
 
 
 class StopSignals:
@@ -48,32 +63,58 @@ class StopSignals:
 
     Handlers are installed only in the main thread (elsewhere Python refuses them) and the previous ones are
     restored on exit. A second SIGINT raises KeyboardInterrupt at once.
+
+    A scheduler may signal every process of the job, DataLoader workers included, and in any order. torch's
+    own SIGCHLD handler raises in the middle of whatever the main process is doing as soon as a worker dies by
+    a signal, which could cut the final step or checkpoint. So, while the run lasts, torch's handler is
+    installed first and ours sits in front of it: once a stop is requested worker deaths are expected and
+    ignored, and a worker killed by a stop signal *is* a stop request (the main process's own signal may not
+    have been handled yet). Any other worker death goes on to torch's handler, which reports it at once.
     """
 
     def __init__(self) -> None:
-        self.requested: str | None = None
+        self._own: str | None = None  # a stop signal this process received
+        self._workers: str | None = None  # a stop signal that killed one of its child processes
         self._previous: dict[int, Any] = {}
+        self._chld_next: Any = None
 
-    def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal handler signature
+    @property
+    def requested(self) -> str | None:
+        """The signal that asked the run to stop (None: none)."""
+        return self._own or self._workers
+
+    def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
-        if self.requested is not None and name == "SIGINT":
+        if self._own is not None and name == "SIGINT":
             raise KeyboardInterrupt
+        if self._own is None:
+            self._own = name
+
+    def _child(self, signum: int, frame: Any) -> None:
         if self.requested is None:
-            self.requested = name
-            # a scheduler may signal every process, DataLoader workers included: from now on a worker's death
-            # must not raise in the middle of the final step or checkpoint (torch's SIGCHLD handler would). A
-            # Python no-op rather than SIG_DFL: a SIGCHLD already pending when the handler changes would make
-            # Python raise "Signal 17 ignored due to race condition" instead
-            sigchld = getattr(signal, "SIGCHLD", None)
-            if sigchld is not None and sigchld not in self._previous:
-                self._previous[sigchld] = signal.signal(sigchld, _ignore_signal)
+            self._workers = _stop_signal_of_dead_child()
+        if self.requested is not None:
+            return
+        if callable(self._chld_next):
+            self._chld_next(signum, frame)
 
     def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for name in STOP_SIGNALS:
-                sig = getattr(signal, name, None)
-                if sig is not None:
-                    self._previous[sig] = signal.signal(sig, self._handle)
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        sigchld = getattr(signal, "SIGCHLD", None)
+        if sigchld is not None:
+            try:  # torch installs its handler once per process, on the first worker-backed iterator: do it now
+                from torch.utils.data._utils import signal_handling
+
+                signal_handling._set_SIGCHLD_handler()
+            except (ImportError, AttributeError):
+                pass
+            self._chld_next = signal.getsignal(sigchld)
+            self._previous[sigchld] = signal.signal(sigchld, self._child)
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -153,10 +153,11 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-@pytest.mark.parametrize("to_workers", [False, True])
-def test_sigterm_with_data_workers(tmp_path: Path, to_workers: bool) -> None:
-    """SIGTERM to the training process only (its workers keep serving), or to every process of the job, as a
-    scheduler does (its workers die): either way a checkpoint and exit code 143, never a hang or a traceback."""
+@pytest.mark.parametrize("order", ["main", "main_then_workers", "workers_then_main", "workers"])
+def test_sigterm_with_data_workers(tmp_path: Path, order: str) -> None:
+    """SIGTERM to the training process only (its workers keep serving), or to every process of the job in either
+    order, as a scheduler does (its workers die), or to the workers alone: every time a checkpoint and exit code
+    143, never a hang or a traceback."""
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "tests.unit.train.toy", str(run), "workers=2",
                              "max_steps=100000", "ckpt_every=100000"], cwd=REPO, env=cli_env(),
@@ -166,10 +167,13 @@ def test_sigterm_with_data_workers(tmp_path: Path, to_workers: bool) -> None:
         time.sleep(0.01)
     workers = _children(proc.pid)
     assert len(workers) >= 2
-    proc.send_signal(signal.SIGTERM)
-    if to_workers:
+    if order.startswith("main"):
+        proc.send_signal(signal.SIGTERM)
+    if "workers" in order:
         for pid in workers:
             os.kill(pid, signal.SIGTERM)
+    if order == "workers_then_main":
+        proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err[-2000:]
     assert "checkpoint at step" in err and "Traceback" not in err
