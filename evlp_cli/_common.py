@@ -49,9 +49,13 @@ def complete_models(incomplete: str) -> list[str]:
     return [n for n in sorted(MODEL_PRESETS) if n.startswith(incomplete)]
 
 
-def data_option(default: Optional[str], what: str) -> Any:
-    """``--data NAME|DIR``: a dataset name under ``--root`` or a folder path (``evlp.data.location``)."""
-    shown = f" (default: {default})" if default else ""
+def data_option(default: Optional[str], what: str, *, implied: Optional[str] = None) -> Any:
+    """``--data NAME|DIR``: a dataset name under ``--root`` or a folder path (``evlp.data.location``).
+
+    ``implied``: the dataset a training command uses when ``--data`` is not given (its recipe's or its config's),
+    shown in the help while the option itself defaults to None, so that a ``--config`` file's dataset stands.
+    """
+    shown = f" (default: {default or implied})" if default or implied else ""
     return typer.Option(default, "--data", "-d", help=f"{what}: a dataset name under --root, or a folder path{shown}.")
 
 

@@ -1,4 +1,8 @@
-"""Everything the CLI shows: the only module that imports rich."""
+"""Everything the CLI shows: the only module that imports rich.
+
+Why this module is long: every command's tables, progress bars and live views live here, so that rich is
+imported in one place and every command looks the same.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.syntax import Syntax
 from rich.table import Table
@@ -294,3 +299,143 @@ def verify_table(reports: list[Any]) -> bool:
                   "\n".join(r.problems) or "-")
     out.print(t)
     return all(r.ok for r in reports)
+
+
+# ---------------------------------------------------------------------- evlp sweep
+_STATE_STYLE = {"done": "green", "failed": "bold red", "running": "cyan", "queued": "dim", "skipped": "yellow",
+                "interrupted": "magenta"}
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _state(state: str) -> str:
+    return f"[{_STATE_STYLE.get(state, '')}]{state}[/]"
+
+
+def sweep_plan(ledger: Any, selected: set[str], folder: Any) -> None:
+    """``--dry-run``: every selected run, what will happen to it, and its command."""
+    from evlp.checkpoint import latest_checkpoint
+    from evlp.sweep.runner import RUN_DIR
+
+    t = Table(title=f"sweep plan · {folder}", title_justify="left")
+    for c in ("run", "will", "est. samples", "command"):
+        t.add_column(c, overflow="fold")
+    for rec in ledger.records:
+        if rec.run.key not in selected:
+            continue
+        if rec.state == "done":
+            will = "[green]keep (done)[/]"
+        elif rec.state == "skipped":
+            will = f"[yellow]skip[/]: {escape(rec.error or '')}"
+        elif rec.run.kind == "train" and latest_checkpoint(rec.folder(ledger.sweep_dir) / RUN_DIR) is not None:
+            will = "resume"
+        else:
+            will = "run"
+        cost = f"{rec.run.cost:,.0f}" if rec.run.kind == "train" and rec.run.cost > 1 else ""
+        t.add_row(escape(rec.run.key), will, cost,
+                  escape("evlp " + " ".join([*rec.run.command, *rec.run.argv, *rec.run.overrides])))
+    out.print(t)
+
+
+class SweepLive:
+    """The running sweep: a live table of every run (state, current metric, elapsed) on a terminal, one line per
+    change of state otherwise."""
+
+    def __init__(self, folder: Any, total: int) -> None:
+        self.folder, self.total = folder, total
+        self.live: Any = None
+        self.ledger: Any = None
+        self.selected: set[str] = set()
+
+    def __enter__(self) -> SweepLive:
+        if err.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(Table(), console=err, refresh_per_second=2, transient=False)
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live is not None:
+            if self.ledger is not None:
+                self.live.update(self._table(self.ledger))
+            self.live.stop()
+
+    def _table(self, ledger: Any) -> Table:
+        import time as _time
+
+        from evlp.sweep.runner import live_metric
+
+        t = Table(title=f"sweep · {self.folder}", title_justify="left")
+        for c in ("run", "state", "now", "elapsed"):
+            t.add_column(c, overflow="fold")
+        for rec in ledger.records:
+            if rec.state == "running":
+                now, elapsed = live_metric(ledger.sweep_dir, rec), _duration(_time.time() - (rec.started or 0))
+            else:
+                now, elapsed = (rec.error or "")[:80], _duration(rec.seconds)
+            t.add_row(escape(rec.run.key), _state(rec.state), escape(now), elapsed)
+        return t
+
+    def tick(self, ledger: Any, active: list[Any]) -> None:
+        self.ledger = ledger
+        if self.live is not None:
+            self.live.update(self._table(ledger))
+
+    def event(self, kind: str, rec: Any) -> None:
+        if self.live is not None:
+            return
+        if kind == "started":
+            text = f"started {rec.run.key}" + (" (resuming)" if rec.resumed else "")
+        elif kind == "waiting":
+            text = f"waiting for {rec.run.key} (pid {rec.pid}), left running by an earlier sweep, to finish"
+        elif kind == "reused":
+            text = f"kept {rec.run.key}: done earlier with the same settings"
+        elif kind == "skipped":
+            text = f"skipped {rec.run.key}: {rec.error}"
+        else:
+            text = f"{kind} {rec.run.key} ({_duration(rec.seconds)})" + (f": {rec.error}" if rec.error else "")
+        err.print(f"[dim]sweep:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
+def sweep_table(report: Any, json_path: Any, md_path: Any) -> None:
+    """The results table: each task's main metric (mean ± std over seeds), the paper's figure and the difference,
+    then the GLUE average."""
+    from evlp.sweep.report import format_value
+
+    def num(v: float | None, sign: bool = False) -> str:
+        return "—" if v is None else (f"{v:+.2f}" if sign else f"{v:.2f}")
+
+    t = Table(title=f"sweep results · {report.sweep_dir}", title_justify="left")
+    for c, j in (("task", "left"), ("metric", "left"), ("evlp", "right"), ("paper", "right"), ("Δ", "right"),
+                 ("n", "right"), ("state", "left"), ("details", "left")):
+        t.add_column(c, justify=j, overflow="fold")  # type: ignore[arg-type]
+    for r in report.rows:
+        details = " · ".join(f"{k} {v:.2f}" for k, v in r.details.items())
+        t.add_row(escape(r.label), r.metric, format_value(r.mean, r.std), num(r.paper), num(r.diff, True),
+                  str(len(r.values)), _state(r.state) if r.state in _STATE_STYLE else r.state,
+                  escape(details or (r.note or "")))
+    avg = report.glue_average
+    if avg is not None:
+        t.add_section()
+        t.add_row(f"GLUE average ({avg['tasks']} tasks)", "", num(avg["mean"]), num(avg["paper"]),
+                  num(avg["diff"], True), "", "", "")
+    out.print(t)
+    out.print(f"written to {json_path} and {md_path}", highlight=False)
+
+
+def sweep_failures(report: Any, failed: list[Any]) -> None:
+    """The failed runs: their error line and log file."""
+    from evlp.sweep.ledger import LOG
+
+    t = Table(title="failed runs", title_justify="left")
+    for c in ("run", "error", "log"):
+        t.add_column(c, overflow="fold")
+    for rec in failed:
+        t.add_row(escape(rec.run.key), escape(rec.error or ""), escape(str(rec.folder(report.sweep_dir) / LOG)))
+    err.print(t)

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-
-
 from evlp_cli._common import OUT, OVERRIDES, RESUME, ROOT, STOP_AFTER, config_option, data_option, render_training
 
 
@@ -20,21 +18,12 @@ def pretrain(
     overrides: Optional[list[str]] = OVERRIDES,
 ) -> None:
     """Pretrain S-SMKE (1 CPU to N GPUs; launch with `accelerate launch -m evlp_cli.main pretrain ...` for several)."""
-    from evlp.config import PretrainConfig, load_config
-    from evlp.train.runs import run_recipe
+    from evlp.config.commands import resolve_training_config
     from evlp_cli import _render
-    from evlp_cli._common import is_main, resolve_data
+    from evlp_cli._common import is_main
 
-    extra: dict = {}
-    folder = resolve_data(data, root)
-    if folder is not None:
-        extra["data"] = {"root": str(folder)}
-    if root is not None:
-        extra["paths"] = {"data": str(root)}
-    if out is not None:
-        extra["out"] = str(out)
-    cfg = load_config(PretrainConfig, run_recipe(config, out, resume, "s_smke"), overrides or [],
-                      command="pretrain", extra=extra)
+    cfg = resolve_training_config("pretrain", config=config, overrides=overrides or [], resume=resume, data=data,
+                                  root=root, out=out)
 
     from evlp.train.pretrain import pretrain as run_pretrain
 

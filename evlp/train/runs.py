@@ -140,15 +140,6 @@ class RunLock:
         self.release()
 
 
-def run_recipe(config: str | None, out: str | os.PathLike[str] | None, resume: bool, default: str) -> str:
-    """The recipe a training command resolves its config from: ``--config`` when given; with ``--resume``, the
-    run's own saved ``RUN/config.yaml``; else the command's ``default`` recipe."""
-    if config is not None:
-        return config
-    saved = Path(out) / CONFIG if out is not None else None
-    return str(saved) if resume and saved is not None and saved.is_file() else default
-
-
 def env_record() -> dict[str, Any]:
     """Versions and hardware of this run, saved as ``RUN/env.json``."""
     import accelerate
