@@ -415,8 +415,12 @@ def sweep_table(report: Any, json_path: Any, md_path: Any) -> None:
     for c, j in (("task", "left"), ("metric", "left"), ("evlp", "right"), ("paper", "right"), ("Δ", "right"),
                  ("n", "right"), ("state", "left"), ("details", "left")):
         t.add_column(c, justify=j, overflow="fold")  # type: ignore[arg-type]
+    skipped: dict[str, None] = {}
     for r in report.rows:
         details = " · ".join(f"{k} {v:.2f}" for k, v in r.details.items())
+        if r.state == "skipped" and r.note:
+            skipped[r.note] = None
+            details = "data missing (below)"
         t.add_row(escape(r.label), r.metric, format_value(r.mean, r.std), num(r.paper), num(r.diff, True),
                   str(len(r.values)), _state(r.state) if r.state in _STATE_STYLE else r.state,
                   escape(details or (r.note or "")))
@@ -426,6 +430,8 @@ def sweep_table(report: Any, json_path: Any, md_path: Any) -> None:
         t.add_row(f"GLUE average ({avg['tasks']} tasks)", "", num(avg["mean"]), num(avg["paper"]),
                   num(avg["diff"], True), "", "", "")
     out.print(t)
+    for note in skipped:
+        out.print(f"[yellow]skipped:[/] {escape(note)}", highlight=False, soft_wrap=True)
     out.print(f"written to {json_path} and {md_path}", highlight=False)
 
 

@@ -70,8 +70,9 @@ class SweepRun:
 
     @property
     def folder_name(self) -> str:
-        """``<key>-<hash8>`` with characters that are awkward in paths replaced."""
-        return f"{re.sub(r'[^A-Za-z0-9._=,+-]+', '_', self.key)}-{self.config_hash[:8]}"
+        """``<task>-<hash12>`` with characters that are awkward in paths replaced: the same settings share a
+        folder whatever the run is called (a plain run is seed 1 of a ``--seeds N`` sweep)."""
+        return f"{re.sub(r'[^A-Za-z0-9._=,+-]+', '_', self.task)}-{self.config_hash[:12]}"
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

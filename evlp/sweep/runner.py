@@ -187,10 +187,21 @@ class Sweep:
     def merge(self) -> Ledger:
         """The ledger this invocation works on: the plan's records (done ones kept, the rest queued), then the
         records of earlier invocations that are not in the plan. Reads only."""
+        seen: dict[str, str] = {}
+        for run in self.runs:
+            for ident in (f"folder:{run.folder_name}", f"key:{run.key}"):
+                if ident in seen:
+                    raise ConfigError(f"runs '{seen[ident]}' and '{run.key}' of this sweep have the same "
+                                      "settings or name; drop one (a repeated grid value?)")
+                seen[ident] = run.key
         old = Ledger.read(self.sweep_dir)
-        records = []
+        records, matched = [], set()
         for run in self.runs:
             before = old.get(run.key)
+            if before is None or before.run.config_hash != run.config_hash:  # the same settings under another name
+                before = next((r for r in old.records if r.run.folder_name == run.folder_name), before)
+            if before is not None:
+                matched.add(id(before))
             same = before is not None and before.run.config_hash == run.config_hash
             rec = Record(run=run, attempts=before.attempts if same and before else 0)
             if same and before and before.state == "done" and all(p.is_file() for p in rec.result_files(self.sweep_dir)):
@@ -203,7 +214,7 @@ class Sweep:
                 rec.pid = before.pid  # maybe still finishing after its sweep was killed: see _wait_for_orphans
             records.append(rec)
         planned = {r.run.key for r in records}
-        records += [r for r in old.records if r.run.key not in planned]
+        records += [r for r in old.records if r.run.key not in planned and id(r) not in matched]
         self.ledger = Ledger(self.sweep_dir, records, {**old.info, **self.info})
         return self.ledger
 

@@ -193,3 +193,31 @@ def test_runs_start_longest_first_and_record_their_outcome(tmp_path: Path, monke
     assert states == {"r0": ("done", None), "r1": ("done", None), "r2": ("failed", "run 2 broke")}
     table = {r.runs[0]: r.mean for r in build_report(Ledger.read(tmp_path / "s")).rows}
     assert table == {"r0": 0.0, "r1": 10.0, "r2": None}
+
+
+def test_a_plain_run_is_kept_as_the_first_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adding --seeds later reuses the plain run (same resolved config, same folder); only new seeds run."""
+    from evlp.sweep import Sweep
+
+    _glue_task(tmp_path, "sst2")
+    plain = [r for r in family_plan("glue", _settings(tmp_path)) if r.task == "sst2"]
+    Ledger(tmp_path / "s", [Record(run=plain[0], state="done")]).write()
+    for p in Record(run=plain[0]).result_files(tmp_path / "s"):
+        write_json(p, {"metrics": {"accuracy": 70.0}})
+    seeded = [r for r in family_plan("glue", _settings(tmp_path, seeds=2)) if r.task == "sst2"]
+    ledger = Sweep(tmp_path / "s", seeded, make_slots(None, None)).merge()
+    assert [(r.run.key, r.state, r.reused) for r in ledger.records] == [("sst2~seed=42", "done", True),
+                                                                         ("sst2~seed=43", "queued", False)]
+
+
+def test_two_runs_with_the_same_settings_are_refused(tmp_path: Path) -> None:
+    from evlp.sweep import Sweep
+    from evlp.sweep.plan import GridSpec, spec_plan
+
+    _glue_task(tmp_path, "sst2")
+    spec = GridSpec(name="g", command=["finetune", "glue"], params={"task": "sst2"}, argv=[],
+                    grid={"optim.lr": [0.001, 1.0e-3]})
+    runs = spec_plan([spec], _settings(tmp_path))
+    assert len(runs) == 2
+    with pytest.raises(ConfigError, match="same settings"):
+        Sweep(tmp_path / "s", runs, make_slots(None, None)).merge()
