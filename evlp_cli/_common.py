@@ -13,19 +13,12 @@ from typing import Any, Optional
 
 import typer
 
-from evlp.errors import NotAvailableError
-
 
 def is_main() -> bool:
     """True unless this is a non-zero rank of a multi-process launch (only rank 0 renders)."""
     from evlp.dist import is_main_process
 
     return is_main_process()
-
-
-def not_available(what: str, issue: str) -> None:
-    """Raise the exit-2 error of a command that a later release fills."""
-    raise NotAvailableError(f"`evlp {what}` is not available yet in evlp; it arrives with {issue}")
 
 
 def recipe_completer(command: str | None = None):  # noqa: ANN201 - a Typer autocompletion callback

@@ -445,3 +445,43 @@ def sweep_failures(report: Any, failed: list[Any]) -> None:
     for rec in failed:
         t.add_row(escape(rec.run.key), escape(rec.error or ""), escape(str(rec.folder(report.sweep_dir) / LOG)))
     err.print(t)
+
+
+# ---------------------------------------------------------------------- evlp bench
+def _bench_value(key: str, value: Any) -> str:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return _size(value) if key.endswith("bytes") else f"{value:,}"
+    if isinstance(value, float):
+        if key == "mfu":
+            return f"{100 * value:.1f}%"
+        if key.endswith("flops_per_s"):
+            return f"{value / 1e9:,.1f} GFLOP/s"
+        if "flops" in key:
+            return f"{value / 1e9:,.1f} GFLOP"
+        if key.endswith("_s") and not key.endswith("per_s"):
+            return f"{value * 1000:,.1f} ms" if value < 1 else f"{value:,.2f} s"
+        return f"{value:,.1f}"
+    return str(value)
+
+
+def bench_table(title: str, result: dict[str, Any]) -> None:
+    """A benchmark's figures; a ``breakdown_s`` dict as a second table with each phase's share."""
+    t = Table(title=title, show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    for key, value in result.items():
+        if isinstance(value, (dict, list)):
+            continue
+        t.add_row(key, escape(_bench_value(key, value)))
+    out.print(t)
+    breakdown = result.get("breakdown_s")
+    if isinstance(breakdown, dict) and breakdown:
+        total = sum(breakdown.values()) or 1.0
+        b = Table(title="where a step goes (device synchronised between phases)", title_justify="left")
+        for c in ("phase", "median", "share"):
+            b.add_column(c, justify="left" if c == "phase" else "right")
+        for key, value in breakdown.items():
+            b.add_row(key, _bench_value("x_s", value), f"{100 * value / total:.1f}%")
+        out.print(b)

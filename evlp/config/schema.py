@@ -307,6 +307,14 @@ class TrainConfig:
     eval_every: int | None = None
     """Steps between validations for tasks that validate (fine-tuning); ``None`` = once per epoch."""
     matmul_precision: Literal["highest", "high", "medium"] = "high"
+    compile: bool = False
+    """``torch.compile`` the trained module in place (parameter names and checkpoints unchanged); the first steps
+    are slower while it compiles."""
+    compile_backend: str = "inductor"
+    """The ``torch.compile`` backend (``inductor``; ``aot_eager`` compiles faster and runs slower)."""
+    grad_checkpointing: bool = False
+    """Recompute the transformer blocks' activations in the backward pass: much less activation memory (a larger
+    batch per GPU) for about a third more compute."""
 
     def validate(self, p: str = "train.") -> list[str]:
         problems: list[str] = []

@@ -39,6 +39,9 @@ class MemoryBank(nn.Module):
     While the bank is not yet full, the valid rows are exactly ``bank[:filled]`` because writing
     starts at row 0 and ``ptr == filled``.
 
+    ``ptr`` and ``filled`` are mirrored as Python integers (refreshed whenever a state dict is loaded), so a
+    training step never waits for the device to read them back.
+
     Args:
         size: number of rows; 0 disables the bank (no negatives, pushes ignored).
         dim: feature width.
@@ -57,6 +60,11 @@ class MemoryBank(nn.Module):
         self.register_buffer("bank", torch.zeros(size, dim))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self._ptr, self._filled = 0, 0  # host copies of the two buffers
+
+    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
+        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[arg-type]
+        self._ptr, self._filled = int(self.ptr), int(self.filled)
 
     def negatives(self) -> Tensor:
         """The rows that hold real targets.
@@ -65,7 +73,7 @@ class MemoryBank(nn.Module):
             (filled, dim) view of the bank (row order is irrelevant to the loss); (0, dim) when
             empty or disabled. It is a view: copy it if you keep it across a :meth:`push`.
         """
-        return self.bank[: int(self.filled)]
+        return self.bank[: self._filled]
 
     @torch.no_grad()
     def push(self, x: Tensor) -> None:
@@ -82,15 +90,16 @@ class MemoryBank(nn.Module):
         n = x.shape[0]
         if self.size == 0 or n == 0:
             return
-        ptr = int(self.ptr)
+        ptr = self._ptr
         rows = x.detach().to(device=self.bank.device, dtype=self.bank.dtype)
         skipped = max(n - self.size, 0)  # rows overwritten within this same push
         rows = rows[skipped:]  # (min(N, size), dim)
         start = (ptr + skipped) % self.size
         index = (start + torch.arange(rows.shape[0], device=self.bank.device)) % self.size
         self.bank[index] = rows
-        self.ptr.fill_((ptr + n) % self.size)
-        self.filled.fill_(min(int(self.filled) + n, self.size))
+        self._ptr, self._filled = (ptr + n) % self.size, min(self._filled + n, self.size)
+        self.ptr.fill_(self._ptr)
+        self.filled.fill_(self._filled)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}"

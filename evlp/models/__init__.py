@@ -21,6 +21,7 @@ from evlp.models.text import build_text_tower, sync_text_sizes
 from evlp.registry import did_you_mean
 
 __all__ = ["SSMKE", "FrozenTeacher", "ModelInfo", "build_model", "build_teacher_of", "create_model",
+           "enable_grad_checkpointing",
            "list_models", "model_config", "model_info", "resolve_model_config", "resolve_weights"]
 
 HUB = "hub"
@@ -86,6 +87,30 @@ def build_teacher_of(cfg: ModelConfig, *, pretrained: bool = False, models_dir: 
     weights, hub = resolve_weights(cfg.teacher.checkpoint, models_dir, "model.teacher") if pretrained \
         else (None, False)
     return build_teacher(cfg.teacher, weights=weights, hub=hub)
+
+
+def enable_grad_checkpointing(module: nn.Module) -> list[str]:
+    """Turn on activation checkpointing in every outermost part of ``module`` that supports it (the S-SMKE
+    student, a text or image tower); returns their names (``""`` = ``module`` itself).
+
+    Raises:
+        ConfigError: no part of ``module`` supports it.
+    """
+    from evlp.errors import ConfigError
+    from evlp.models.image import Data2Vec2ImageTower, TimmImageTower
+    from evlp.models.text import TextTower
+
+    kinds = (SSMKE, TextTower, Data2Vec2ImageTower, TimmImageTower)
+    done: list[str] = []
+    for name, m in module.named_modules():
+        inside = any(d == "" or name.startswith(f"{d}.") for d in done)
+        if not inside and isinstance(m, kinds):
+            m.set_grad_checkpointing(True)
+            done.append(name)
+    if not done:
+        raise ConfigError(f"train.grad_checkpointing: no part of {type(module).__name__} supports activation "
+                          "checkpointing")
+    return done
 
 
 def create_model(name: str, **overrides: object) -> SSMKE:

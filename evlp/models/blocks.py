@@ -113,3 +113,15 @@ def init_fresh_weights(module: nn.Module) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def run_blocks(blocks: nn.Sequential, x: Tensor, checkpointed: bool) -> Tensor:
+    """``blocks(x)``; with ``checkpointed`` each block's activations are recomputed in the backward pass
+    (``torch.utils.checkpoint``, non-reentrant: the same values and gradients, less memory)."""
+    if not checkpointed:
+        return blocks(x)
+    from torch.utils.checkpoint import checkpoint
+
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False)
+    return x

@@ -15,7 +15,7 @@ from timm.layers import PatchEmbed
 from torch import Tensor, nn
 
 from evlp.config.schema import ImageTowerConfig
-from evlp.models.blocks import LN_EPS, PostLNBlock
+from evlp.models.blocks import LN_EPS, PostLNBlock, run_blocks
 
 
 class Data2Vec2ImageTower(nn.Module):
@@ -35,7 +35,12 @@ class Data2Vec2ImageTower(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, n, cfg.width))
         self.norm_pre = nn.LayerNorm(cfg.width, eps=LN_EPS)
         self.blocks = nn.Sequential(*[PostLNBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.grad_checkpointing = False
         self._init()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (training only)."""
+        self.grad_checkpointing = enable
 
     @torch.no_grad()
     def _init(self) -> None:
@@ -49,7 +54,7 @@ class Data2Vec2ImageTower(nn.Module):
     def forward(self, pixels: Tensor) -> Tensor:
         x = self.patch_embed(pixels) + self.pos_embed  # (B, N, D)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
-        return self.blocks(self.norm_pre(x))
+        return run_blocks(self.blocks, self.norm_pre(x), self.grad_checkpointing and self.training)
 
     def transformer_blocks(self) -> nn.Sequential | None:
         """The tower's transformer blocks in order (what layer-wise LR decay numbers), or None if it has none."""
@@ -129,6 +134,12 @@ class TimmImageTower(nn.Module):
                               f"leave img_size unset (the checkpoint's {self.img_size})")
         self.img_size = img_size
         return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's own activation checkpointing of the model's blocks."""
+        if not callable(getattr(self.model, "set_grad_checkpointing", None)):
+            raise ConfigError(f"train.grad_checkpointing: timm model '{self.timm_name}' does not support it")
+        self.model.set_grad_checkpointing(enable)
 
     def forward(self, pixels: Tensor) -> Tensor:
         f = self.model.forward_features(pixels)

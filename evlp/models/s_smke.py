@@ -52,11 +52,27 @@ class SSMKE(nn.Module):
             init_fresh_weights(part)
         # Index 0: ITC on x_interm, index 1: ITC on x. Stored as log-scales, clamped to [0, ln(max)].
         self.logit_scales = nn.Parameter(torch.full((2,), math.log(1.0 / cfg.init_temperature)))
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the activations of both towers' blocks and of the shared block in the backward pass."""
+        self.grad_checkpointing = enable
+        for tower in (self.text, self.image):
+            if not callable(getattr(tower, "set_grad_checkpointing", None)):
+                from evlp.errors import ConfigError
+
+                raise ConfigError(f"train.grad_checkpointing: the {type(tower).__name__} tower does not support it")
+            tower.set_grad_checkpointing(enable)
 
     # ------------------------------------------------------------------ encoding
     def _shared(self, h: Tensor, modality: int, key_padding_mask: Tensor | None) -> dict[str, Tensor]:
         tte = self.token_type_scale(self.token_type_embeddings.weight[modality])  # (D,)
-        interm_cls, out = self.shared(h + tte, key_padding_mask)  # (B, 4D), (B, T, D)
+        if self.grad_checkpointing and self.training:
+            from torch.utils.checkpoint import checkpoint
+
+            interm_cls, out = checkpoint(self.shared, h + tte, key_padding_mask, use_reentrant=False)
+        else:
+            interm_cls, out = self.shared(h + tte, key_padding_mask)  # (B, 4D), (B, T, D)
         x_cls = out[:, 0]  # (B, D)
         return {
             "x": F.normalize(x_cls, dim=-1),

@@ -48,13 +48,13 @@ class FrozenTeacher(nn.Module):
     def train(self, mode: bool = True) -> "FrozenTeacher":  # noqa: ARG002 - always eval
         return super().train(False)
 
-    @torch.no_grad()
     def forward(self, pixels: Tensor) -> Tensor:
-        """``pixels`` (B, 3, H, W) -> target (B, width), no grad."""
-        features = self.model.forward_features(pixels)
-        if self.target == "cls":
-            return features[:, 0]
-        return self.model.forward_head(features, pre_logits=True)
+        """``pixels`` (B, 3, H, W) -> target (B, width), computed under ``torch.inference_mode`` (no autograd
+        bookkeeping at all) and returned as an ordinary tensor, usable in the student's losses."""
+        with torch.inference_mode():
+            features = self.model.forward_features(pixels)
+            out = features[:, 0] if self.target == "cls" else self.model.forward_head(features, pre_logits=True)
+        return out.clone()  # an inference tensor cannot enter autograd
 
 
 def build_teacher(cfg: TeacherConfig, *, weights: Path | None = None, hub: bool = False) -> FrozenTeacher:

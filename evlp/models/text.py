@@ -110,6 +110,18 @@ class TextTower(nn.Module):
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}  # not every family takes it
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """The HF model's own activation checkpointing of its layers (non-reentrant)."""
+        if callable(getattr(self.model, "activation_checkpointing_enable", None)):  # transformers >= 5.x
+            if enable:
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.activation_checkpointing_disable()
+        elif enable:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_disable()
+
     def hf_config(self) -> dict[str, Any]:
         """The HF config of the (truncated) encoder, saved with checkpoints as ``text_config.json``."""
         return self.model.config.to_dict()

@@ -51,8 +51,10 @@ class Record:
     def log(self, sweep_dir: Path) -> Path:
         return self.folder(sweep_dir) / LOG
 
-    def result_files(self, sweep_dir: Path) -> list[Path]:
-        return [self.folder(sweep_dir) / r for r in dict.fromkeys(row.result for row in self.run.rows)]
+    def result_files(self, sweep_dir: Path, *, required: bool = False) -> list[Path]:
+        """The result files its rows read (``required``: only those a finished run must have written)."""
+        rows = [row for row in self.run.rows if not (required and row.optional)]
+        return [self.folder(sweep_dir) / r for r in dict.fromkeys(row.result for row in rows)]
 
     def to_json(self, sweep_dir: Path) -> dict[str, Any]:
         folder = self.folder(sweep_dir)

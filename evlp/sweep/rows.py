@@ -46,6 +46,8 @@ class Row:
     glue: bool = False
     details: list[str] = field(default_factory=list)
     """Other metrics of the same result to show beside the main one."""
+    optional: bool = False
+    """The run may end without this result (a pretraining run without a test set) and still be done."""
 
     def value(self, metrics: dict[str, Any]) -> float | None:
         """The row's value from a result's ``metrics`` (None when a key is missing)."""
@@ -105,7 +107,7 @@ def pretrain_rows(cfg: Any) -> list[Row]:
     from evlp.checkpoint import EVAL_DIR
 
     return [Row(label="pretraining retrieval", result=f"run/{EVAL_DIR}/retrieval.json", metric="mean:tr1,ir1",
-                metric_name="R@1 (TR/IR mean)", details=["tr1", "ir1"])]
+                metric_name="R@1 (TR/IR mean)", details=["tr1", "ir1"], optional=True)]
 
 
 ROWS_OF = {"glue": glue_rows, "retrieval": retrieval_rows, "imagenet": imagenet_rows, "pretrain": pretrain_rows}

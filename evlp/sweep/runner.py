@@ -182,6 +182,7 @@ class Sweep:
         self.on_tick = on_tick or (lambda ledger, active: None)
         self.stopping: str | None = None
         self.ledger = Ledger(self.sweep_dir)
+        self.active: dict[str, tuple[subprocess.Popen[bytes], Record, Slot]] = {}
 
     # ------------------------------------------------------------------ planning against the ledger
     def merge(self) -> Ledger:
@@ -204,7 +205,8 @@ class Sweep:
                 matched.add(id(before))
             same = before is not None and before.run.config_hash == run.config_hash
             rec = Record(run=run, attempts=before.attempts if same and before else 0)
-            if same and before and before.state == "done" and all(p.is_file() for p in rec.result_files(self.sweep_dir)):
+            if same and before and before.state == "done" and all(
+                    p.is_file() for p in rec.result_files(self.sweep_dir, required=True)):
                 rec.state, rec.reused = "done", True
                 rec.started, rec.ended, rec.seconds, rec.returncode = (before.started, before.ended, before.seconds,
                                                                        before.returncode)
@@ -253,8 +255,10 @@ class Sweep:
         from evlp.train.runs import RunLock
 
         lock = RunLock(self.sweep_dir).acquire()
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        self.active: dict[str, tuple[subprocess.Popen[bytes], Record, Slot]] = {}
+        import threading
+
+        previous = ({s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+                    if threading.current_thread() is threading.main_thread() else {})
         try:
             ledger = self.merge()
             keys = {r.key for r in self.runs}
@@ -316,7 +320,7 @@ class Sweep:
     def _finish(self, returncode: int, rec: Record) -> None:
         rec.returncode, rec.pid, rec.ended = returncode, None, time.time()
         rec.seconds = rec.ended - (rec.started or rec.ended)
-        missing = [p for p in rec.result_files(self.sweep_dir) if not p.is_file()]
+        missing = [p for p in rec.result_files(self.sweep_dir, required=True) if not p.is_file()]
         if returncode == 0 and not missing:
             rec.state, rec.error = "done", None
         elif returncode == 0:

@@ -141,6 +141,19 @@ def fit(
         accelerator.end_training()
 
 
+def place_module(module: torch.nn.Module, train: TrainConfig, device: torch.device) -> None:
+    """Apply ``train.grad_checkpointing``, move ``module`` to ``device`` (before the optimizer is built: a fused
+    AdamW sees its parameters where they train) and apply ``train.compile`` in place (parameter names, and so
+    checkpoints, unchanged)."""
+    if train.grad_checkpointing:
+        from evlp.models import enable_grad_checkpointing
+
+        enable_grad_checkpointing(module)
+    module.to(device)
+    if train.compile:
+        module.compile(backend=train.compile_backend)
+
+
 class _DataStopped(Exception):
     """The data stream ended because a stop signal reached its workers."""
 
@@ -172,7 +185,9 @@ class _Run:
         self.steps_per_epoch = max(1, task.samples_per_epoch() // self.global_batch)
         self.total = train.max_steps or train.epochs * self.steps_per_epoch
         self.lr = peak_lr(optim, self.global_batch)
-        optimizer = build_optimizer(module, optim, self.lr, groups=task.param_groups(module, optim))
+        place_module(module, train, self.acc.device)
+        optimizer = build_optimizer(module, optim, self.lr, groups=task.param_groups(module, optim),
+                                    device=self.acc.device)
         self.scheduler = build_scheduler(optimizer, optim, self.total)
         self.fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         self.module, self.optimizer = self.acc.prepare(module, optimizer)

@@ -40,14 +40,22 @@ def peak_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.lr * global_batch / cfg.lr_base_batch if cfg.scale_lr else cfg.lr
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float,
-                    groups: list[dict] | None = None) -> torch.optim.Optimizer:
+FUSED_DEVICES = ("cuda",)
+"""Where AdamW runs as one fused kernel per parameter group (elsewhere: torch's multi-tensor ``foreach`` path)."""
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, groups: list[dict] | None = None,
+                    device: torch.device | str | None = None) -> torch.optim.Optimizer:
     """AdamW at peak learning rate ``lr`` over :func:`param_groups`, or over ``groups`` (a task's own, e.g.
-    layer-wise LR decay); a group's ``lr_scale`` multiplies ``lr`` for its parameters."""
+    layer-wise LR decay); a group's ``lr_scale`` multiplies ``lr`` for its parameters. On a device of
+    :data:`FUSED_DEVICES` (``device``, else where the parameters are) the fused kernel is used."""
     groups = groups if groups is not None else param_groups(model, cfg.weight_decay)
     for g in groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    fused = torch.device(device).type in FUSED_DEVICES
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, **({"fused": True} if fused else {}))
 
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:

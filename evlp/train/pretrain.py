@@ -55,9 +55,11 @@ class PretrainTask(Task):
 
     name = "pretrain"
 
-    def __init__(self, cfg: PretrainConfig, resume_from: Path | None = None) -> None:
+    def __init__(self, cfg: PretrainConfig, resume_from: Path | None = None, *, pretrained: bool = True) -> None:
         self.cfg = cfg
         self.resume_from = resume_from
+        self.pretrained = pretrained
+        """False: random weights of the same architecture (benchmarks), nothing read or downloaded."""
         self.shards = expand_shards(cfg.data.root, cfg.data.train)
         text = cfg.model.text
         self.tokenizer = build_caption_tokenizer(text.tokenizer_source, text.max_length, text.vocab_size)
@@ -79,10 +81,10 @@ class PretrainTask(Task):
         if self.resume_from is not None:  # the student's weights come from the checkpoint
             student = build_model(cfg.model, text_config=read_json(self.resume_from / TEXT_CONFIG))
         else:
-            student = build_model(cfg.model, pretrained=True, models_dir=models)
+            student = build_model(cfg.model, pretrained=self.pretrained, models_dir=models)
         self.text_config = student.text.hf_config()
         if self.use_kd:
-            self.teacher = build_teacher_of(cfg.model, pretrained=True, models_dir=models)
+            self.teacher = build_teacher_of(cfg.model, pretrained=self.pretrained, models_dir=models)
             self.bank = MemoryBank(cfg.loss.memory_bank_size, cfg.model.target_dim)
         return PretrainModule(student, cfg.loss.kd_temperature, cfg.loss.kd_learnable_temperature)
 

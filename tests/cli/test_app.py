@@ -41,14 +41,6 @@ def test_help_and_version() -> None:
     assert run_cli("--version").stdout.strip() == f"evlp {__version__}"
 
 
-@pytest.mark.parametrize("args", [("bench",)])
-def test_later_commands_exit_2_with_a_clear_line(args: tuple[str, ...]) -> None:
-    res = run_cli(*args)
-    assert res.returncode == 2
-    assert "not available yet" in res.stderr and "Traceback" not in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1
-
-
 def test_config_errors_exit_2_listing_every_problem() -> None:
     res = run_cli("config", "show", "tiny", "train.batch_sise=3", "optim.lr=fast")
     assert res.returncode == 2 and "Traceback" not in res.stderr

@@ -1,0 +1,241 @@
+"""``evlp bench train``: the pretraining step at the hardware limit, measured.
+
+One pretraining step of a recipe (student + frozen teacher + ITC + KD with its memory bank + AdamW), on the real
+data pipeline, timed after a warm-up: samples/s, the median step time, peak memory, and model FLOPs utilisation
+(MFU) against the matmul rate this command measures on the same device (fp32 on CPU; bf16 or tf32 on GPU, as the
+recipe's precision says). The step is broken into data wait, teacher, student forward, loss, backward and
+optimizer by synchronising the device between phases; the step time is the wall time of the whole step,
+data wait included (on CPU the phases run one after the other anyway; on GPU the synchronisation costs a
+little, so the figure is slightly conservative).
+
+Model FLOPs per step are counted once with ``torch.utils.flop_counter.FlopCounterMode`` (matrix products of the
+forward and backward passes, attention on the math kernel while counting) — the FLOPs the model needs, not the
+ones a kernel happens to execute.
+
+Weights are random (``pretrained=False``): speed does not depend on them and nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evlp.config.schema import PretrainConfig
+from evlp.dist import DistInfo
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 3) -> float:
+    """FLOP/s of a square matrix product on ``device`` in ``dtype`` (the best of ``repeats`` after a warm-up)."""
+    n = n or (8192 if device.type == "cuda" else 1536)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    inner = 10 if device.type == "cuda" else 1
+    best = float("inf")
+    for i in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            a @ b
+        _sync(device)
+        if i:  # the first round warms up
+            best = min(best, (time.perf_counter() - t0) / inner)
+    return 2.0 * n**3 / best
+
+
+def count_flops(fn: Any) -> float:
+    """Model FLOPs of ``fn()`` (forward and backward inside it), attention on the math kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+class _PhaseTimer:
+    """Forward hooks that time a module's forward (device synchronised at both ends) while ``active``."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
+        self.device, self.active, self.seconds, self._t0 = device, False, 0.0, 0.0
+        module.register_forward_pre_hook(self._pre)
+        module.register_forward_hook(self._post)
+
+    def _pre(self, *args: Any) -> None:
+        if self.active:
+            _sync(self.device)
+            self._t0 = time.perf_counter()
+
+    def _post(self, *args: Any) -> None:
+        if self.active:
+            _sync(self.device)
+            self.seconds += time.perf_counter() - self._t0
+
+
+def _synthetic_shards(cfg: PretrainConfig, n: int, folder: Path) -> PretrainConfig:
+    """Point ``cfg`` at ``n`` synthetic image-caption pairs written into ``folder`` (when it has no data)."""
+    from evlp.data.synth import synthesize
+
+    synthesize(folder, n_train=n, n_test=1, seed=0, shard_size=max(n, 1), image_size=256)
+    data = dataclasses.replace(cfg.data, root=str(folder), train=["train"], val=None, samples_per_epoch=None)
+    return dataclasses.replace(cfg, data=data)
+
+
+def _offline_model(model: Any) -> Any:
+    """The model config resolved as training would; when its text model is not on this machine, the same
+    architecture as a random BERT of the configured sizes with the uncased WordPiece vocabulary of the offline
+    ``minilm`` package (the speed is the same; nothing is downloaded)."""
+    from evlp.errors import EvlpError
+    from evlp.models import resolve_model_config
+
+    try:
+        return resolve_model_config(model)
+    except EvlpError:
+        if model.text.name_or_path is None:
+            raise
+        text = dataclasses.replace(model.text, name_or_path=None, tokenizer="minilm")
+        return resolve_model_config(dataclasses.replace(model, text=text))
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB; the whole process
+
+
+def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device: str | None = None,
+                synthetic_data: bool | None = None) -> dict[str, Any]:
+    """Measure the pretraining step of ``cfg``.
+
+    Args:
+        cfg: the resolved pretraining config (``train.batch_size`` per step, ``train.precision``).
+        steps: timed steps (median reported), after ``warmup`` untimed ones.
+        device: ``cpu``, ``cuda``, ``cuda:1`` ...; default CUDA when available.
+        synthetic_data: write a temporary synthetic shard set instead of reading ``data.root`` (default: when
+            ``data.root`` holds no shards).
+
+    Returns:
+        ``samples_per_s``, ``step_s`` (median), ``mfu`` (0-1), ``peak_memory_bytes``, ``breakdown_s`` (median
+        seconds per phase), ``model_flops_per_step``, ``matmul_flops_per_s`` and what was measured.
+    """
+    from evlp.data.shards import expand_shards
+    from evlp.errors import DataNotFoundError
+    from evlp.train.loop import place_module
+    from evlp.train.optim import build_optimizer, peak_lr
+    from evlp.train.pretrain import PretrainTask
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.matmul_precision != "highest"
+    cfg = dataclasses.replace(cfg, model=_offline_model(cfg.model))
+    batch = cfg.train.batch_size
+    with tempfile.TemporaryDirectory(prefix="evlp-bench-") as tmp:
+        if synthetic_data is None:
+            try:
+                synthetic_data = not expand_shards(cfg.data.root, cfg.data.train)
+            except (DataNotFoundError, OSError, ValueError):
+                synthetic_data = True
+        if synthetic_data:
+            cfg = _synthetic_shards(cfg, batch * (steps + warmup + 2), Path(tmp) / "data")
+        torch.manual_seed(cfg.train.seed)
+        task = PretrainTask(cfg, pretrained=False)
+        module = task.build_module().to(dev)
+        task.to(dev)
+        module.train()
+        if task.bank is not None:  # steady state: a full memory bank, as after the first few hundred steps
+            task.bank.push(torch.nn.functional.normalize(torch.randn(task.bank.size, task.bank.dim, device=dev), dim=-1))
+        dist = DistInfo()
+        batches = iter(task.train_batches(dist, None))
+        autocast = (torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32
+                    else torch.autocast(dev.type, enabled=False))
+
+        def to_device(b: dict[str, Any]) -> dict[str, Any]:
+            return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+
+        flop_batch = to_device(next(batches))
+
+        def one_step() -> None:
+            with autocast:
+                loss, _ = task.training_step(module, flop_batch, dist)
+            loss.backward()
+            module.zero_grad(set_to_none=True)
+
+        flops = count_flops(one_step)  # the model's FLOPs: before compiling, without checkpointing's recompute
+        place_module(module, cfg.train, dev)  # train.grad_checkpointing and train.compile as in training
+        optimizer = build_optimizer(module, cfg.optim, peak_lr(cfg.optim, batch), device=dev)
+        teacher = _PhaseTimer(task.teacher, dev) if task.teacher is not None else None
+        student = _PhaseTimer(module.student, dev)
+
+        def step(b: dict[str, Any]) -> tuple[float, float, float]:
+            """forward (incl. loss), backward, optimizer seconds (device synchronised)"""
+            t0 = time.perf_counter()
+            with autocast:
+                loss, _ = task.training_step(module, b, dist)
+            _sync(dev)
+            t1 = time.perf_counter()
+            loss.backward()
+            _sync(dev)
+            t2 = time.perf_counter()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            module.student.clamp_logit_scales()
+            _sync(dev)
+            return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+        for _ in range(warmup):
+            step(to_device(next(batches)))
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        phases: dict[str, list[float]] = {k: [] for k in
+                                          ("data_wait", "teacher", "student_forward", "loss", "backward", "optimizer")}
+        step_times: list[float] = []
+        for _ in range(steps):  # the breakdown: synchronised phases
+            t0 = time.perf_counter()
+            b = to_device(next(batches))
+            _sync(dev)
+            wait = time.perf_counter() - t0
+            for timer in (teacher, student):
+                if timer is not None:
+                    timer.active, timer.seconds = True, 0.0
+            fwd, bwd, opt = step(b)
+            for timer in (teacher, student):
+                if timer is not None:
+                    timer.active = False
+            t_teacher = teacher.seconds if teacher is not None else 0.0
+            phases["data_wait"].append(wait)
+            phases["teacher"].append(t_teacher)
+            phases["student_forward"].append(student.seconds)
+            phases["loss"].append(max(fwd - t_teacher - student.seconds, 0.0))
+            phases["backward"].append(bwd)
+            phases["optimizer"].append(opt)
+            step_times.append(time.perf_counter() - t0)
+        peak = _peak_memory(dev)
+    rate = matmul_rate(dev, dtype if dtype != torch.float16 or dev.type == "cuda" else torch.float32)
+    step_s = statistics.median(step_times)
+    return {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "precision": precision, "batch_size": batch, "steps": steps, "warmup": warmup,
+        "synthetic_data": bool(synthetic_data), "teacher": task.teacher is not None,
+        "compile": cfg.train.compile, "grad_checkpointing": cfg.train.grad_checkpointing,
+        "samples_per_s": batch / step_s, "step_s": step_s, "step_s_all": step_times,
+        "breakdown_s": {k: statistics.median(v) for k, v in phases.items()},
+        "model_flops_per_step": flops, "model_flops_per_sample": flops / batch,
+        "matmul_flops_per_s": rate, "mfu": flops / step_s / rate, "peak_memory_bytes": peak,
+        "peak_memory_kind": "max allocated (CUDA)" if dev.type == "cuda" else "peak RSS of the process",
+    }
