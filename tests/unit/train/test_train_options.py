@@ -22,6 +22,19 @@ def _run(synth_data: Path, out: Path, *extra: str) -> dict[str, torch.Tensor]:
     return load_file(str(latest_checkpoint(out) / WEIGHTS))
 
 
+def _saved_bytes(forward: object) -> int:
+    """Bytes autograd keeps for the backward pass of ``forward()``."""
+    total = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()  # type: ignore[operator]
+    return total[0]
+
+
 def test_grad_checkpointing_gives_the_same_gradients() -> None:
     model = create_model("s_smke_tiny")
     model.train()
@@ -46,12 +59,14 @@ def test_grad_checkpointing_gives_the_same_gradients() -> None:
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain = grads()
+    image_plain = _saved_bytes(lambda: model.image(pixels))
     assert enable_grad_checkpointing(model) == [""]  # the student itself, its towers through it
     assert model.grad_checkpointing and model.image.grad_checkpointing
     hf = model.text.model
     assert getattr(hf, "is_activation_checkpointing", None) or getattr(hf, "is_gradient_checkpointing", False)
     checkpointed = grads()
     assert saved[1] < 0.6 * saved[0], saved  # the blocks' activations were not kept for the backward pass
+    assert _saved_bytes(lambda: model.image(pixels)) < 0.5 * image_plain  # the image tower's own blocks too
     assert plain.keys() == checkpointed.keys()
     for n in plain:
         torch.testing.assert_close(checkpointed[n], plain[n], rtol=1e-5, atol=1e-6, msg=n)
@@ -71,10 +86,23 @@ def test_grad_checkpointing_finds_the_towers_of_a_classifier() -> None:
         enable_grad_checkpointing(torch.nn.Linear(2, 2))
 
 
-def test_loop_options_train_the_same_weights(synth_data: Path, tmp_path: Path) -> None:
+def test_loop_options_train_the_same_weights(synth_data: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import evlp.models
+
+    calls: list[str] = []
+    enable = evlp.models.enable_grad_checkpointing
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(evlp.models, "enable_grad_checkpointing",
+                        lambda m: calls.append("checkpointing") or enable(m))
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kw: calls.append(f"compile {kw.get('backend')}") or compile_(self, **kw))
     plain = _run(synth_data, tmp_path / "plain")
+    assert calls == []
     checkpointed = _run(synth_data, tmp_path / "ckpt", "train.grad_checkpointing=true")
+    assert calls == ["checkpointing"]
     compiled = _run(synth_data, tmp_path / "compiled", "train.compile=true", "train.compile_backend=aot_eager")
+    assert calls == ["checkpointing", "compile aot_eager"]
     assert plain.keys() == checkpointed.keys() == compiled.keys()  # compiled in place: the same checkpoint names
     for n in plain:
         torch.testing.assert_close(checkpointed[n], plain[n], rtol=1e-5, atol=1e-6, msg=n)
