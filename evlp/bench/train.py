@@ -132,7 +132,7 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
     """
     from evlp.data.shards import expand_shards
     from evlp.errors import DataNotFoundError
-    from evlp.train.loop import place_module
+    from evlp.models import place_module
     from evlp.train.optim import build_optimizer, peak_lr
     from evlp.train.pretrain import PretrainTask
 
@@ -177,7 +177,8 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
             module.zero_grad(set_to_none=True)
 
         flops = count_flops(one_step)  # the model's FLOPs: before compiling, without checkpointing's recompute
-        place_module(module, cfg.train, dev)  # train.grad_checkpointing and train.compile as in training
+        place_module(module, dev, grad_checkpointing=cfg.train.grad_checkpointing,  # as in training
+                     compile_backend=cfg.train.compile_backend if cfg.train.compile else None)
         optimizer = build_optimizer(module, cfg.optim, peak_lr(cfg.optim, batch), device=dev)
         teacher = _PhaseTimer(task.teacher, dev) if task.teacher is not None else None
         student = _PhaseTimer(module.student, dev)

@@ -18,7 +18,7 @@ from evlp.data.layouts import IMAGE_EXTENSIONS
 from evlp.data.seeding import close_loader, loader_generator, quiet_worker
 from evlp.data.shards import ShardStream, StreamTracker
 from evlp.data.tokenize import CaptionTokenizer
-from evlp.data.transforms import load_rgb
+from evlp.data.transforms import open_rgb
 from evlp.dist import DistInfo
 
 
@@ -37,7 +37,7 @@ class DecodeSample:
         caption = text.decode("utf-8", errors="replace").strip()
         if not caption:
             return None
-        return self.transform(load_rgb(io.BytesIO(data))), caption
+        return self.transform(open_rgb(io.BytesIO(data))), caption
 
 
 class CollateBatch:

@@ -1,4 +1,12 @@
-"""Image transforms of the pretraining recipe (reference.md section 4)."""
+"""Image transforms of the pretraining recipe (reference.md section 4).
+
+JPEG draft decoding: a 224 px crop of a 1200 px photo needs only a quarter of its pixels' resolution, and
+libjpeg can decode at 1/2, 1/4 or 1/8 scale for a fraction of the cost of a full decode. :func:`open_rgb` hands
+an RGB JPEG over undecoded, and the train transform's crop step (:class:`RandomResizedCropAndInterpolation`)
+draws its box on the full-resolution size exactly as timm does, then decodes at the largest reduction under
+which the box still covers the output size and crops there. The random draws are the same with and without
+draft (so are resumes, see evlp.data.seeding); only the pixels differ slightly, as from any other resampler.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,72 @@ from evlp.config.schema import DataConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# the scales libjpeg decodes at (1/8, 1/4, 1/2), largest reduction first
+DRAFT_SCALES = (8, 4, 2)
+
+
+def draft_scale(crop: tuple[int, int], out: tuple[int, int]) -> int:
+    """The largest JPEG reduction (8, 4, 2, or 1 for none) at which a crop still covers the output size.
+
+    Args:
+        crop: the crop's ``(width, height)`` in full-resolution pixels.
+        out: the output's ``(width, height)``.
+
+    Returns:
+        ``s`` such that ``crop / s >= out`` in both sides (the resize after it only shrinks), 1 when no
+        reduction allows that.
+    """
+    for s in DRAFT_SCALES:
+        if crop[0] >= s * out[0] and crop[1] >= s * out[1]:
+            return s
+    return 1
+
+
+def _undecoded_jpeg(img: Image.Image) -> bool:
+    """True for an RGB JPEG whose pixels have not been decoded yet (draft is still possible)."""
+    return (img.format == "JPEG" and img.mode == "RGB" and len(getattr(img, "tile", ())) == 1
+            and not getattr(img, "decoderconfig", ()))
+
+
+class RandomResizedCropAndInterpolation:
+    """timm's ``RandomResizedCropAndInterpolation`` (same name, same arguments) that decodes an undecoded JPEG
+    (see :func:`open_rgb`) at reduced size when the crop allows it.
+
+    The box is drawn by timm's ``get_params`` on the full-resolution size, with the same random calls in the
+    same order; then the JPEG is decoded at scale ``1/s`` (:func:`draft_scale`) and the box, mapped to
+    ``box / s`` with sub-pixel precision, is resized to the output. Decoded images, other formats, crops too
+    small for a reduction and random interpolation take timm's path unchanged. It wraps timm's transform
+    rather than subclassing it so that importing this module does not import timm (and torch).
+    """
+
+    def __init__(self, size: int | tuple[int, int], scale: Sequence[float] = (0.08, 1.0),
+                 ratio: Sequence[float] = (3 / 4, 4 / 3), interpolation: str = "bilinear") -> None:
+        from timm.data.transforms import RandomResizedCropAndInterpolation as TimmCrop
+
+        self.timm = TimmCrop(size, scale=tuple(scale), ratio=tuple(ratio), interpolation=interpolation)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        crop = self.timm
+        if not _undecoded_jpeg(img) or isinstance(crop.interpolation, (tuple, list)):
+            return crop(img)
+        from torchvision.transforms import functional as F
+
+        i, j, h, w = crop.get_params(img, crop.scale, crop.ratio)  # full-resolution box, as timm draws it
+        out_h, out_w = crop.size
+        s = draft_scale((w, h), (out_w, out_h))
+        if s > 1:
+            full_w, full_h = img.size
+            drafted = img.draft("RGB", (full_w // s, full_h // s))
+            # draft returns the full image's extent in reduced pixels, (0, 0, W / s', H / s'), for the scale s'
+            # it chose; None when the file cannot be drafted (then it decodes in full)
+            s = round(full_w / drafted[1][2]) if drafted is not None else 1
+        if s == 1:
+            return F.resized_crop(img, i, j, h, w, [out_h, out_w], crop.interpolation)
+        resample = F.pil_modes_mapping.get(crop.interpolation, crop.interpolation)
+        return img.resize((out_w, out_h), resample, box=(j / s, i / s, (j + w) / s, (i + h) / s))
+
+    def __repr__(self) -> str:
+        return repr(self.timm)
 
 
 def train_transform(
@@ -27,7 +101,6 @@ def train_transform(
     The reference jitters the full-resolution image before cropping; jitter commutes with the crop and
     costs far less on the 224 px crop, so it is applied after it.
     """
-    from timm.data.transforms import RandomResizedCropAndInterpolation
     from torchvision import transforms as T
 
     steps: list[Callable] = [
@@ -61,9 +134,26 @@ def pretrain_transforms(data: DataConfig, img_size: int) -> tuple[Callable, Call
     return train, eval_transform(img_size, mean=data.mean, std=data.std)
 
 
+def open_rgb(fp) -> Image.Image:
+    """:func:`load_rgb`, except that an RGB JPEG comes back not yet decoded, so that the train transform's crop
+    can decode it at reduced size (JPEG draft). Whatever touches its pixels first decodes it (in full, unless
+    it drafts); a path's file stays open until then, so prefer file objects when holding many.
+
+    Raises:
+        PIL's errors for unreadable headers here, and for corrupt JPEG data when the pixels are decoded.
+    """
+    img = Image.open(fp)
+    if _undecoded_jpeg(img):
+        return img
+    return _as_rgb(img)
+
+
 def load_rgb(fp) -> Image.Image:
     """Open an image file or file object as RGB (palette/alpha images are composited on white)."""
-    img = Image.open(fp)
+    return _as_rgb(Image.open(fp))
+
+
+def _as_rgb(img: Image.Image) -> Image.Image:
     img.load()
     if img.mode == "RGB":
         return img

@@ -21,7 +21,7 @@ from evlp.models.text import build_text_tower, sync_text_sizes
 from evlp.registry import did_you_mean
 
 __all__ = ["SSMKE", "FrozenTeacher", "ModelInfo", "build_model", "build_teacher_of", "create_model",
-           "enable_grad_checkpointing",
+           "enable_grad_checkpointing", "place_module",
            "list_models", "model_config", "model_info", "resolve_model_config", "resolve_weights"]
 
 HUB = "hub"
@@ -111,6 +111,18 @@ def enable_grad_checkpointing(module: nn.Module) -> list[str]:
         raise ConfigError(f"train.grad_checkpointing: no part of {type(module).__name__} supports activation "
                           "checkpointing")
     return done
+
+
+def place_module(module: nn.Module, device: torch.device | str, *, grad_checkpointing: bool = False,
+                 compile_backend: str | None = None) -> None:
+    """Get ``module`` ready to train on ``device``: activation checkpointing (:func:`enable_grad_checkpointing`),
+    then the move (before an optimizer is built: a fused AdamW sees its parameters where they train), then
+    ``torch.compile`` with ``compile_backend`` in place (parameter names, and so checkpoints, unchanged)."""
+    if grad_checkpointing:
+        enable_grad_checkpointing(module)
+    module.to(device)
+    if compile_backend:
+        module.compile(backend=compile_backend)
 
 
 def create_model(name: str, **overrides: object) -> SSMKE:

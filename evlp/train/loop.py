@@ -17,6 +17,7 @@ from evlp.config.loader import write_atomic
 from evlp.config.schema import OptimConfig, TrainConfig
 from evlp.dist import DistInfo
 from evlp.errors import ConfigError
+from evlp.models import place_module
 from evlp.train.guard import (
     STOP_SIGNALS,
     Control,
@@ -141,19 +142,6 @@ def fit(
         accelerator.end_training()
 
 
-def place_module(module: torch.nn.Module, train: TrainConfig, device: torch.device) -> None:
-    """Apply ``train.grad_checkpointing``, move ``module`` to ``device`` (before the optimizer is built: a fused
-    AdamW sees its parameters where they train) and apply ``train.compile`` in place (parameter names, and so
-    checkpoints, unchanged)."""
-    if train.grad_checkpointing:
-        from evlp.models import enable_grad_checkpointing
-
-        enable_grad_checkpointing(module)
-    module.to(device)
-    if train.compile:
-        module.compile(backend=train.compile_backend)
-
-
 class _DataStopped(Exception):
     """The data stream ended because a stop signal reached its workers."""
 
@@ -185,7 +173,8 @@ class _Run:
         self.steps_per_epoch = max(1, task.samples_per_epoch() // self.global_batch)
         self.total = train.max_steps or train.epochs * self.steps_per_epoch
         self.lr = peak_lr(optim, self.global_batch)
-        place_module(module, train, self.acc.device)
+        place_module(module, self.acc.device, grad_checkpointing=train.grad_checkpointing,
+                     compile_backend=train.compile_backend if train.compile else None)
         optimizer = build_optimizer(module, optim, self.lr, groups=task.param_groups(module, optim),
                                     device=self.acc.device)
         self.scheduler = build_scheduler(optimizer, optim, self.total)

@@ -39,11 +39,13 @@ def test_a_relative_path_under_the_root(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_finetune_data_options_become_root_and_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from evlp_cli.finetune import _dataset
+    from evlp.config.commands import finetune_data
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "r" / "coco").mkdir(parents=True)
-    assert _dataset("coco", None) == {"dataset": "coco"}  # paths.data decides the root
-    assert _dataset("coco", tmp_path / "r") == {"data": tmp_path / "r", "dataset": "coco"}
-    assert _dataset(str(tmp_path / "x" / "shapes"), None) == {"data": tmp_path / "x", "dataset": "shapes"}
-    assert _dataset("r/coco", None) == {"data": Path("r"), "dataset": "coco"}
+    assert finetune_data("coco", None) == {"dataset": "coco"}  # paths.data decides the root
+    assert finetune_data("coco", tmp_path / "r") == {"data": str(tmp_path / "r"), "dataset": "coco"}
+    assert finetune_data(str(tmp_path / "x" / "shapes"), None) == {"data": str(tmp_path / "x"), "dataset": "shapes"}
+    assert finetune_data("r/coco", None) == {"data": "r", "dataset": "coco"}
+    assert finetune_data(None, tmp_path / "r") == {"data": str(tmp_path / "r")}  # the recipe's dataset stands
+    assert finetune_data(None, None) == {}
