@@ -1,4 +1,4 @@
-"""``evlp data synth|download|info|verify``."""
+"""``evlp data synth|download|info|verify|cache-teacher``."""
 
 from __future__ import annotations
 
@@ -180,3 +180,28 @@ def verify(
         reports = verify_data(root, datasets=dataset, progress=progress, decode=not quick)
     if not _render.verify_table(reports):
         raise typer.Exit(1)
+
+
+@app.command("cache-teacher")
+def cache_teacher(
+    config: str = typer.Option("s_smke", "--config", "-c", help="The pretraining recipe (name or YAML) whose "
+                               "teacher and shards to use: the same as the pretraining run's."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="The training shards (data.root)."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Data root (paths.data)."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Images per teacher forward pass."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
+                                                    help="Config overrides, as for `evlp pretrain`."),
+) -> None:
+    """Compute the frozen teacher's target of every training sample once (its evaluation view) into files beside
+    the shards; resumable, split over the processes of a launcher. Then pretrain with model.teacher.cache=true."""
+    from evlp.config.commands import resolve_training_config
+    from evlp.train.cache_teacher import cache_teacher as run
+    from evlp_cli import _render
+
+    cfg = resolve_training_config("pretrain", config=config, overrides=overrides or [], data=data, root=root)
+    with _render.CountProgress("teacher targets (shards)") as progress:
+        result = run(cfg, batch_size=batch_size, device=device, progress=progress)
+    _render.info(f"tag {result.tag}: {result.written} shard(s) written ({result.samples:,} samples, "
+                 f"{result.unreadable:,} without a readable image), {result.kept} already cached, "
+                 f"{result.seconds:,.1f} s")

@@ -134,7 +134,8 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
     from evlp.errors import DataNotFoundError
     from evlp.models import place_module
     from evlp.train.optim import build_optimizer, peak_lr
-    from evlp.train.pretrain import PretrainTask
+    from evlp.data.teacher_cache import StandInTargets
+    from evlp.train.pretrain import PretrainTask, cached_teacher_targets
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = cfg.train.precision
@@ -154,7 +155,14 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
         if synthetic_data:
             cfg = _synthetic_shards(cfg, batch * (steps + warmup + 2), Path(tmp) / "data")
         torch.manual_seed(cfg.train.seed)
-        task = PretrainTask(cfg, pretrained=False)
+        targets, targets_kind = None, None
+        if cfg.model.teacher.cache and cfg.model.teacher.enabled and cfg.loss.kd_weight > 0:
+            try:
+                targets = cached_teacher_targets(cfg, expand_shards(cfg.data.root, cfg.data.train))
+                targets_kind = "cache"
+            except DataNotFoundError:  # no cache yet: stand-in targets of the same shape, the same loss work
+                targets, targets_kind = StandInTargets(cfg.model.target_dim), "stand-in"
+        task = PretrainTask(cfg, pretrained=False, teacher_targets=targets)
         module = task.build_module().to(dev)
         task.to(dev)
         module.train()
@@ -233,6 +241,7 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "precision": precision, "batch_size": batch, "steps": steps, "warmup": warmup,
         "synthetic_data": bool(synthetic_data), "teacher": task.teacher is not None,
+        "cached_teacher_targets": targets_kind,
         "compile": cfg.train.compile, "grad_checkpointing": cfg.train.grad_checkpointing,
         "samples_per_s": batch / step_s, "step_s": step_s, "step_s_all": step_times,
         "breakdown_s": {k: statistics.median(v) for k, v in phases.items()},

@@ -155,6 +155,9 @@ class TeacherConfig(ViTShape):
     ``paths.models``. ``None`` = random init."""
     depth: int = 12
     layer_scale_init: float = 0.1
+    cache: bool = False
+    """Read the teacher's targets from the cache that ``evlp data cache-teacher`` writes beside the shards
+    (the teacher then sees a fixed evaluation view of each image, not the augmented one) instead of running it."""
 
     def validate(self, p: str = "model.teacher.") -> list[str]:
         return self.shape_problems(p)

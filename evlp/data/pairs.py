@@ -41,13 +41,17 @@ class DecodeSample:
 
 
 class CollateBatch:
-    """A list of decoded samples -> ``{"image": (B, 3, H, W), "input_ids": (B, T), "attention_mask": (B, T)}``."""
+    """A list of decoded samples -> ``{"image": (B, 3, H, W), "input_ids": (B, T), "attention_mask": (B, T)}``,
+    plus ``"teacher_target"`` (B, D) when the samples carry cached targets."""
 
     def __init__(self, tokenizer: CaptionTokenizer) -> None:
         self.tokenizer = tokenizer
 
-    def __call__(self, samples: list[tuple[Tensor, str]]) -> dict[str, Tensor]:
-        return {"image": torch.stack([s[0] for s in samples]), **self.tokenizer([s[1] for s in samples])}
+    def __call__(self, samples: list[tuple[Tensor, str] | tuple[Tensor, str, Tensor]]) -> dict[str, Tensor]:
+        batch = {"image": torch.stack([s[0] for s in samples]), **self.tokenizer([s[1] for s in samples])}
+        if samples and len(samples[0]) > 2:  # cached teacher targets (see evlp.data.teacher_cache)
+            batch["teacher_target"] = torch.stack([s[2] for s in samples])  # type: ignore[misc]
+        return batch
 
 
 class PairBatches:
@@ -61,11 +65,14 @@ class PairBatches:
         dist: this process's place.
         seed: shuffling seed.
         num_workers: DataLoader workers.
+        teacher_targets: ``(shard index, sample index, key) -> target``: adds ``"teacher_target"`` to batches
+            (:class:`evlp.data.teacher_cache.TeacherTargets`).
     """
 
     def __init__(self, shards: Sequence[Path], *, transform: Any, tokenizer: CaptionTokenizer, batch_size: int,
-                 dist: DistInfo, seed: int, num_workers: int) -> None:
+                 dist: DistInfo, seed: int, num_workers: int, teacher_targets: Any = None) -> None:
         self.shards, self.transform, self.tokenizer = list(shards), transform, tokenizer
+        self.teacher_targets = teacher_targets
         self.batch_size, self.dist, self.seed, self.num_workers = batch_size, dist, seed, num_workers
         self.tracker = StreamTracker(dist.world_size, num_workers)
 
@@ -83,7 +90,8 @@ class PairBatches:
         workers = self.num_workers
         stream = ShardStream(self.shards, batch_size=self.batch_size, decode=DecodeSample(self.transform),
                              collate=CollateBatch(self.tokenizer), rank=self.dist.rank,
-                             world_size=self.dist.world_size, seed=self.seed, resume=resume, num_workers=workers)
+                             world_size=self.dist.world_size, seed=self.seed, resume=resume, num_workers=workers,
+                             extra=self.teacher_targets)
         if resume is not None and not stream.resume_exact:
             warnings.warn("the number of processes or data workers changed since the checkpoint; the data "
                           "stream restarts at the beginning of the interrupted epoch", stacklevel=2)

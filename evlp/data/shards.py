@@ -162,7 +162,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     ``worker`` is the logical worker (slot) whose position this is (see :meth:`_start`) and
     ``offset`` counts the items of that worker's share of ``epoch`` consumed so far, skipped included.
     Pass ``num_workers`` (the DataLoader's) with ``resume`` so that :attr:`resume_exact` is known
-    before iterating; when left out, it assumes the saved worker count.
+    before iterating; when left out, it assumes the saved worker count. ``extra(shard index, sample index, key)``,
+    when given, is appended to every decoded item (a tuple), e.g. the sample's cached teacher target.
     """
 
     def __init__(
@@ -177,6 +178,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         seed: int = 0,
         resume: dict | None = None,
         num_workers: int | None = None,
+        extra: Callable[[int, int, str], Any] | None = None,
     ) -> None:
         super().__init__()
         if not shards:
@@ -195,6 +197,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise DataNotFoundError(f"shard {missing[0]} does not exist ({len(missing)} missing) — "
                                     "list existing shards with expand_shards(root, entries)")
         self.batch_size, self.decode, self.collate = batch_size, decode, collate
+        self.extra = extra
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.resume = resume
         self.resume_exact = resume is None or self._same_layout(
@@ -298,9 +301,12 @@ class ShardStream(torch.utils.data.IterableDataset):
                 return None  # the file shrank since it was indexed
         try:
             with seeded(*key):
-                return self.decode(data, sample.key)
+                item = self.decode(data, sample.key)
         except SKIP_ERRORS:
             return None
+        if item is None or self.extra is None:
+            return item
+        return (*item, self.extra(key[2], key[3], sample.key))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()

@@ -55,7 +55,8 @@ class PretrainTask(Task):
 
     name = "pretrain"
 
-    def __init__(self, cfg: PretrainConfig, resume_from: Path | None = None, *, pretrained: bool = True) -> None:
+    def __init__(self, cfg: PretrainConfig, resume_from: Path | None = None, *, pretrained: bool = True,
+                 teacher_targets: Any = None) -> None:
         self.cfg = cfg
         self.resume_from = resume_from
         self.pretrained = pretrained
@@ -69,6 +70,10 @@ class PretrainTask(Task):
             raise ConfigError(f"the training data has {self._samples} samples, fewer than train.batch_size "
                               f"{cfg.train.batch_size}; lower the batch size or add data")
         self.use_kd = cfg.model.teacher.enabled and cfg.loss.kd_weight > 0
+        self.cached_targets: Any = None
+        """Where cached teacher targets come from (``model.teacher.cache``); None: the teacher runs."""
+        if self.use_kd and cfg.model.teacher.cache:
+            self.cached_targets = teacher_targets or cached_teacher_targets(cfg, self.shards)
         self.find_unused_parameters = not self.use_kd or cfg.loss.itc_weight == 0
         self.teacher: nn.Module | None = None
         self.bank: MemoryBank | None = None
@@ -84,7 +89,8 @@ class PretrainTask(Task):
             student = build_model(cfg.model, pretrained=self.pretrained, models_dir=models)
         self.text_config = student.text.hf_config()
         if self.use_kd:
-            self.teacher = build_teacher_of(cfg.model, pretrained=self.pretrained, models_dir=models)
+            if self.cached_targets is None:
+                self.teacher = build_teacher_of(cfg.model, pretrained=self.pretrained, models_dir=models)
             self.bank = MemoryBank(cfg.loss.memory_bank_size, cfg.model.target_dim)
         return PretrainModule(student, cfg.loss.kd_temperature, cfg.loss.kd_learnable_temperature)
 
@@ -118,7 +124,7 @@ class PretrainTask(Task):
     def train_batches(self, dist: DistInfo, data_state: dict | None) -> Iterator[dict[str, Any]]:
         self.pairs = PairBatches(self.shards, transform=self.train_transform, tokenizer=self.tokenizer,
                                  batch_size=self.cfg.train.batch_size, dist=dist, seed=self.cfg.train.seed,
-                                 num_workers=self.cfg.data.num_workers)
+                                 num_workers=self.cfg.data.num_workers, teacher_targets=self.cached_targets)
         for batch in self.pairs.batches((data_state or {}).get("stream")):
             self.skipped_samples = self.pairs.skipped
             yield batch
@@ -139,8 +145,9 @@ class PretrainTask(Task):
             metrics[f"itc_{key}_acc"] = res.acc.detach()
             metrics[f"itc_{key}_scale"] = scales[i].detach()
         kd = None
-        if self.teacher is not None:
-            targets = F.normalize(self.teacher(pixels).float(), dim=-1)  # (B, Dt), no grad
+        if self.use_kd:
+            raw = batch["teacher_target"] if self.teacher is None else self.teacher(pixels)  # cached, or run now
+            targets = F.normalize(raw.float(), dim=-1)  # (B, Dt), no grad
             res = kd_loss(out["kd_image"].float(), out["kd_text"].float(), targets, self.bank.negatives(),
                           out["kd_scale"].float(), rank=dist.rank, world_size=dist.world_size,
                           global_negatives=self.cfg.loss.kd_global_negatives)
@@ -154,6 +161,40 @@ class PretrainTask(Task):
 
     def after_optimizer_step(self, module: nn.Module) -> None:
         module.student.clamp_logit_scales()
+
+
+def teacher_view(cfg: PretrainConfig) -> dict[str, Any]:
+    """The image view the teacher is shown when its targets are cached: squash-resize to the model's size,
+    normalised as the data config says (what :func:`evlp.data.transforms.eval_transform` does)."""
+    return {"img_size": cfg.model.image.img_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
+            "resize": "squash-bicubic"}
+
+
+def cache_tag(cfg: PretrainConfig) -> str:
+    """The tag of ``cfg``'s teacher-target cache files (:func:`evlp.data.teacher_cache.teacher_tag`)."""
+    from evlp.config import to_dict
+    from evlp.data.teacher_cache import teacher_tag
+
+    return teacher_tag(to_dict(cfg.model.teacher), teacher_view(cfg))
+
+
+def cached_teacher_targets(cfg: PretrainConfig, shards: list[Path]) -> Any:
+    """The cached targets of every shard, checked before training starts.
+
+    Raises:
+        DataNotFoundError: shards without a cache of this teacher and view.
+    """
+    from evlp.data.teacher_cache import TeacherTargets, cache_path
+    from evlp.errors import DataNotFoundError
+
+    tag = cache_tag(cfg)
+    targets = TeacherTargets(shards, tag)
+    missing = targets.missing()
+    if missing:
+        raise DataNotFoundError(f"model.teacher.cache=true but {len(missing)} of {len(shards)} shards have no "
+                                f"teacher-target cache (e.g. {cache_path(missing[0], tag)}); create them with "
+                                "`evlp data cache-teacher` and the same --config and overrides")
+    return targets
 
 
 # ---------------------------------------------------------------------- entry point
@@ -179,7 +220,7 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int | Non
         # fail before anything is written when a weights file is missing
         if start.resume_from is None:
             resolve_weights(cfg.model.image.checkpoint, cfg.paths.models, "model.image")
-        if cfg.model.teacher.enabled and cfg.loss.kd_weight > 0:
+        if cfg.model.teacher.enabled and cfg.loss.kd_weight > 0 and not cfg.model.teacher.cache:
             resolve_weights(cfg.model.teacher.checkpoint, cfg.paths.models, "model.teacher")
         return PretrainTask(cfg, resume_from=start.resume_from)
 
