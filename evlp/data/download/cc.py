@@ -423,7 +423,10 @@ def _run_img2dataset(input_file: Path, out: Path, rows: int, options: CCOptions,
             if now - changed > limit:
                 stalled = True
                 break
-            time.sleep(POLL_S)
+            try:
+                proc.wait(POLL_S)  # returns as soon as img2dataset exits
+            except subprocess.TimeoutExpired:
+                pass
     finally:
         if proc.poll() is None:
             kill_tree(proc)

@@ -67,6 +67,19 @@ def _leftover_jobs() -> list[int]:
     return pids
 
 
+def _job_processes() -> list[tuple[str, bool]]:
+    """(command line, whether torch's library is loaded) of every live process of an img2dataset job."""
+    found = []
+    for pid in _leftover_jobs():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            maps = Path(f"/proc/{pid}/maps").read_text(errors="replace")
+        except OSError:  # ended meanwhile
+            continue
+        found.append((cmdline, "libtorch" in maps))
+    return found
+
+
 def _samples(shards: list[Path]) -> list[dict]:
     """Every sample of ``shards`` once, read with ShardStream (one epoch of one worker)."""
     def decode(data: dict[str, bytes], key: str) -> dict:
@@ -135,13 +148,18 @@ def cc3m_first(server: LocalHTTPServer, cc3m_fixture: SimpleNamespace,
     root = tmp_path_factory.mktemp("data")
     before, first = Counter(server.requests), len(server.log)
     calls: list[tuple[int, int | None]] = []
-    result = download_cc("cc3m", root, index=cc3m_fixture.tsv, options=_options(),
-                         progress=lambda done, total: calls.append((done, total)))
+    processes: list[tuple[str, bool]] = []  # the job's processes, seen whenever a shard finishes
+
+    def progress(done: int, total: int | None) -> None:
+        calls.append((done, total))
+        processes.extend(_job_processes())
+
+    result = download_cc("cc3m", root, index=cc3m_fixture.tsv, options=_options(), progress=progress)
     requests = Counter(server.requests) - before
     log = server.log[first:]
     main = sorted((root / "cc3m").glob("*.tar"))
     return SimpleNamespace(root=root, result=result, requests=requests, log=log, calls=calls, main=main,
-                           samples=_samples(main), leftovers=_leftover_jobs())
+                           samples=_samples(main), leftovers=_leftover_jobs(), processes=processes)
 
 
 @pytest.fixture(scope="module")
@@ -388,6 +406,18 @@ def test_cc3m_end_to_end(cc3m_first: SimpleNamespace, cc3m_fixture: SimpleNamesp
     # img2dataset's temp folder and unfinished shards are gone; the index is kept for re-runs
     assert not (cc3m_first.root / "cc3m" / "_tmp").exists()
     assert (cc3m_first.root / "cc3m" / "_index" / "index.parquet").is_file()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forking the job and /proc are Linux-only")
+def test_cc3m_job_starts_without_reimporting(cc3m_first: SimpleNamespace) -> None:
+    """img2dataset's logger and workers are forked from the child (not spawned: each would import img2dataset
+    again), and no process of the job loads torch, which img2dataset never needs (see watchdog.RUNNER)."""
+    commands = [cmd for cmd, _ in cc3m_first.processes if cmd]  # a process that is exiting has none
+    assert sum("-c" in cmd.split() for cmd in commands) >= 3  # the child, its logger and a worker were seen
+    assert [cmd for cmd in commands if "spawn_main" in cmd] == []
+    assert not any(torch for _, torch in cc3m_first.processes)
+    log = (cc3m_first.root / "cc3m" / "_index" / "img2dataset.log").read_text()
+    assert "evlp: img2dataset started" in log and "Traceback" not in log and "leaked" not in log
 
 
 def test_cc3m_retry_failed_fetches_only_failed_rows(cc3m_first: SimpleNamespace, cc3m_retry: SimpleNamespace,
