@@ -69,6 +69,8 @@ def data_cmd(
     images: Optional[int] = typer.Option(None, "--images", min=1, help="Images to time (default: a few hundred)."),
     config: str = typer.Option("s_smke", "--config", "-c", autocompletion=recipe_completer("pretrain"),
                                help="Pretraining recipe whose image pipeline to measure."),
+    draft: bool = typer.Option(True, "--draft/--no-draft", help="JPEG draft decoding (--no-draft: decode every "
+                               "image in full first, the pipeline before it, for comparison)."),
     json_out: Optional[Path] = _JSON,
     overrides: Optional[list[str]] = OVERRIDES,
 ) -> None:
@@ -80,7 +82,7 @@ def data_cmd(
 
     folder = resolve_data(data, root)
     cfg = resolve_training_config("pretrain", config=config, overrides=overrides or [], data=str(folder))
-    kwargs: dict[str, Any] = {"workers": workers, "config": cfg}
+    kwargs: dict[str, Any] = {"workers": workers, "config": cfg, "draft": draft}
     if images is not None:
         kwargs["images"] = images
     result = bench_data(folder, **kwargs)
