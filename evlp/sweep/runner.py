@@ -77,27 +77,32 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    """A live process that is an evlp run (not a zombie of ours, not a reused PID of something else)."""
+    from evlp.train.runs import pid_alive
+
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
-    try:  # a zombie of ours or a reused PID that is not an evlp run does not count
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        return b"evlp" in cmdline
+    try:
+        return b"evlp" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True
+
+
+def _tail(path: Path, size: int) -> list[str] | None:
+    """The lines of the last ``size`` bytes of a file (None when it cannot be read)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - size))
+            return fh.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
 
 
 def last_error_line(log: Path, limit: int = 300) -> str:
     """The last meaningful line of a run's log: its one-line error, or the end of a traceback."""
-    try:
-        with open(log, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 16384))
-            lines = fh.read().decode("utf-8", "replace").splitlines()
-    except OSError:
+    lines = _tail(log, 16384)
+    if lines is None:
         return "no log"
     for line in reversed(lines):
         text = line.strip()
@@ -110,17 +115,9 @@ def live_metric(sweep_dir: Path, record: Record) -> str:
     """What a running training run reports last (``step 40 · loss 1.23`` or its latest validation)."""
     if record.run.kind != "train":
         return ""
-    path = record.folder(sweep_dir) / RUN_DIR / "metrics.jsonl"
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 4096))
-            lines = fh.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return ""
     import json
 
-    for line in reversed(lines):
+    for line in reversed(_tail(record.folder(sweep_dir) / RUN_DIR / "metrics.jsonl", 4096) or []):
         try:
             rec = json.loads(line)
         except ValueError:

@@ -31,7 +31,8 @@ class RunLockedError(ConfigError):
     """Another live evlp process is training into the same run folder (exit code 2)."""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -100,7 +101,7 @@ class RunLock:
                 holder = self._holder()  # no flock here: judge by the recorded process
                 pid = holder.get("pid")
                 if pid and pid != os.getpid() and (holder.get("host") != socket.gethostname()
-                                                   or _pid_alive(int(pid))):
+                                                   or pid_alive(int(pid))):
                     fh.close()
                     raise self._refuse(holder) from None
                 break

@@ -221,3 +221,18 @@ def test_two_runs_with_the_same_settings_are_refused(tmp_path: Path) -> None:
     assert len(runs) == 2
     with pytest.raises(ConfigError, match="same settings"):
         Sweep(tmp_path / "s", runs, make_slots(None, None)).merge()
+
+
+def test_live_metric_reads_the_last_complete_line(tmp_path: Path) -> None:
+    from evlp.sweep.runner import RUN_DIR, live_metric
+
+    _glue_task(tmp_path, "sst2")
+    run = next(r for r in family_plan("glue", _settings(tmp_path)) if r.task == "sst2")
+    rec = Record(run=run, state="running")
+    assert live_metric(tmp_path, rec) == ""
+    metrics = rec.folder(tmp_path) / RUN_DIR / "metrics.jsonl"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text('{"step": 4, "loss": 0.5}\n{"step": 5, "val/accuracy": 81.25}\n{"step": 6, "lo')
+    assert live_metric(tmp_path, rec) == "step 5 · accuracy 81.25"
+    metrics.write_text('{"step": 4, "loss": 0.5}\n')
+    assert live_metric(tmp_path, rec) == "step 4 · loss 0.5"
