@@ -25,7 +25,7 @@ def glue_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """sst2 and mnli look-alikes that train, a qnli whose training data is broken, the other six tasks absent."""
     root = tmp_path_factory.mktemp("sweep_data")
     rng = random.Random(1)
-    _write(root, "sst2", "train", _sst2(rng, 192))
+    _write(root, "sst2", "train", _sst2(rng, 128))
     _write(root, "sst2", "validation", _sst2(rng, 60))
     _write(root, "mnli", "train", _mnli(rng, 96, FILLER))
     _write(root, "mnli", "validation_matched", _mnli(rng, 40, FILLER))
@@ -155,12 +155,12 @@ def test_unknown_task_and_bad_override_fail_before_anything_runs(tiny_run: Path,
     assert not (tmp_path / "s").exists()
 
 
-def test_sweep_killed_with_sigkill_resumes_without_redoing_finished_runs(tiny_run: Path, glue_root: Path,
-                                                                         tmp_path: Path) -> None:
+def test_sweep_killed_with_sigkill_resumes_without_redoing_finished_runs(
+        tiny_run: Path, glue_root: Path, tmp_path: Path, glue_sweep: tuple[Path, object]) -> None:
+    # the settings of the glue_sweep fixture (logging and checkpoint spacing do not change the weights): its
+    # uninterrupted SST-2 runs are the reference
     args = ["sweep", "glue", "--ckpt", str(tiny_run), "--root", str(glue_root), *TINY, "--only", "sst2",
-            "--seeds", "2", "train.epochs=6", "train.ckpt_every=3", "train.log_every=1"]
-    straight = run_cli(*args, "--out", str(tmp_path / "straight"), "--jobs", "2")
-    assert straight.returncode == 0, straight.stderr[-2000:]
+            "--seeds", "2", "train.epochs=2", "train.ckpt_every=4", "train.log_every=1"]
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen([*EVLP, *args, "--out", str(killed), "--jobs", "1"], env=cli_env(),
@@ -176,7 +176,7 @@ def test_sweep_killed_with_sigkill_resumes_without_redoing_finished_runs(tiny_ru
         running = [r for r in ledger.values() if r["state"] == "running"]
         if done and running:
             metrics = killed / running[0]["folder"] / "run" / "metrics.jsonl"
-            if metrics.is_file() and metrics.read_text().count("\n") >= 5:
+            if metrics.is_file() and metrics.read_text().count("\n") >= 3:
                 second = running[0]
                 break
         time.sleep(0.05)
@@ -196,9 +196,9 @@ def test_sweep_killed_with_sigkill_resumes_without_redoing_finished_runs(tiny_ru
 
     def table(folder: Path) -> list[tuple]:
         rows = json.loads((folder / "results.json").read_text())["table"]
-        return [(r["task"], r["values"], r["seeds"]) for r in rows if r["n"]]
+        return [(r["task"], r["values"], r["seeds"]) for r in rows if r["n"] and r["task"] == "SST-2"]
 
-    assert table(killed) == table(tmp_path / "straight")  # the same results as the sweep never stopped
+    assert table(killed) == table(glue_sweep[0])  # the same results as if the sweep had never stopped
 
 
 def test_grid_spec_over_an_evaluation(tiny_run: Path, synth_data: Path, tmp_path: Path) -> None:
