@@ -45,3 +45,25 @@ def test_cosine_schedule_with_warmup() -> None:
     assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
     assert lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
     assert build_optimizer(torch.nn.Linear(2, 2), cfg, 0.1).defaults["betas"] == (0.9, 0.98)
+
+
+def test_adamw_is_fused_where_torch_has_the_kernel_and_steps_like_the_reference() -> None:
+    """The fused AdamW takes the same step as torch's plain (for-loop) AdamW, within float rounding."""
+    from evlp.config.schema import OptimConfig
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    b.load_state_dict(a.state_dict())
+    cfg = OptimConfig(weight_decay=0.05)
+    fused = build_optimizer(a, cfg, 1e-2, device="cpu")
+    assert fused.defaults.get("fused") is True
+    plain = torch.optim.AdamW([{"params": [b.weight], "weight_decay": 0.05}, {"params": [b.bias], "weight_decay": 0.0}],
+                              lr=1e-2, betas=tuple(cfg.betas), eps=cfg.eps, foreach=False)
+    for _ in range(3):
+        x = torch.randn(5, 8)
+        for model, opt in ((a, fused), (b, plain)):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+    torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.bias, b.bias, rtol=1e-5, atol=1e-6)
