@@ -48,8 +48,11 @@ def train(
     json_out: Optional[Path] = _JSON,
     overrides: Optional[list[str]] = OVERRIDES,
 ) -> None:
-    """The pretraining step (student + teacher + ITC + KD + AdamW): samples/s, step time, MFU against the matmul
-    rate measured here, peak memory, and where the time goes. Random weights; nothing is downloaded."""
+    """The pretraining step: samples/s, step time, MFU against the matmul rate measured here, peak memory, phases.
+
+    Student + frozen teacher + ITC + KD against a full memory bank + AdamW, on the real data pipeline, with
+    random weights (nothing is downloaded).
+    """
     from evlp.bench.train import bench_train
     from evlp.config.commands import resolve_training_config
 
@@ -74,8 +77,7 @@ def data_cmd(
     json_out: Optional[Path] = _JSON,
     overrides: Optional[list[str]] = OVERRIDES,
 ) -> None:
-    """The pretraining image pipeline: decoded and augmented images/s per worker and in total, next to plain
-    decoding of the same files."""
+    """The pretraining image pipeline: augmented images/s per worker and in total, next to plain decoding."""
     from evlp.bench.data import bench_data
     from evlp.config.commands import resolve_training_config
     from evlp_cli._common import resolve_data

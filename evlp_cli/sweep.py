@@ -19,8 +19,9 @@ _OUT = typer.Option(None, "--out", "-o", help="The sweep folder (default: sweeps
                     "command again to resume it.")
 _CONFIG = typer.Option(None, "--config", "-c", autocompletion=recipe_completer(),
                        help="Train every fine-tune with the recipe of this name (e.g. tiny) instead of each task's own.")
-_ONLY = typer.Option(None, "--only", help="Only these tasks (comma-separated names or globs: cola,rte or 'zeroshot-*').")
-_SKIP = typer.Option(None, "--skip", help="Leave out these tasks (comma-separated names or globs).")
+_ONLY = typer.Option(None, "--only", help="Only these tasks: comma-separated names, globs or families (cola,rte or "
+                     "'zeroshot-*' or glue).")
+_SKIP = typer.Option(None, "--skip", help="Leave out these tasks (comma-separated names, globs or families).")
 _DRY = typer.Option(False, "--dry-run", help="Print the plan (what runs, resumes, is kept or skipped) and exit.")
 _DEVICES = typer.Option(None, "--devices", help="GPU indices, one run per GPU at once: 0,1,2,3.")
 _JOBS = typer.Option(None, "--jobs", "-j", min=1, help="Runs at once on CPU (the cores are shared out).")
@@ -177,8 +178,7 @@ def run(
 def report(
     folder: Path = typer.Argument(..., help="A sweep folder (the --out of an `evlp sweep` command)."),
 ) -> None:
-    """Render a sweep's results table again from its ledger and result files (and rewrite results.json/.md);
-    runs nothing."""
+    """Render a sweep's results table again from its ledger and result files; runs nothing."""
     from evlp.sweep import Ledger, load_report, write_report
     from evlp_cli import _render
 
