@@ -103,11 +103,14 @@ def imagenet_rows(cfg: Any) -> list[Row]:
 
 
 def pretrain_rows(cfg: Any) -> list[Row]:
-    """The row of a pretraining run: the retrieval score it evaluates itself with (when it has a test set)."""
+    """The rows of a pretraining run: the retrieval score it evaluates itself with (when it has a test set) and its
+    final training loss (``RUN/summary.json``)."""
     from evlp.checkpoint import EVAL_DIR
 
     return [Row(label="pretraining retrieval", result=f"run/{EVAL_DIR}/retrieval.json", metric="mean:tr1,ir1",
-                metric_name="R@1 (TR/IR mean)", details=["tr1", "ir1"], optional=True)]
+                metric_name="R@1 (TR/IR mean)", details=["tr1", "ir1"], optional=True),
+            Row(label="pretraining loss", result="run/summary.json", metric="loss",
+                metric_name="train loss (last window)", details=["itc_x_acc", "kd_acc"])]
 
 
 ROWS_OF = {"glue": glue_rows, "retrieval": retrieval_rows, "imagenet": imagenet_rows, "pretrain": pretrain_rows}

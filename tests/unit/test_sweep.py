@@ -236,3 +236,20 @@ def test_live_metric_reads_the_last_complete_line(tmp_path: Path) -> None:
     assert live_metric(tmp_path, rec) == "step 5 · accuracy 81.25"
     metrics.write_text('{"step": 4, "loss": 0.5}\n')
     assert live_metric(tmp_path, rec) == "step 4 · loss 0.5"
+
+
+def test_a_pretraining_grid_reports_its_final_loss(tmp_path: Path) -> None:
+    from evlp.sweep.plan import GridSpec, spec_plan
+
+    spec = GridSpec(name="pt", command=["pretrain"], params={"data": str(tmp_path)}, argv=[],
+                    overrides=["train.max_steps=3"], grid={"optim.lr": [1e-4, 3e-4]})
+    runs = spec_plan([spec], _settings(tmp_path, config="tiny"))
+    assert [r.key for r in runs] == ["pt~optim.lr=0.0001", "pt~optim.lr=0.0003"]
+    assert [(row.result, row.optional) for row in runs[0].rows] == [("run/eval/retrieval.json", True),
+                                                                      ("run/summary.json", False)]
+    rec = Record(run=runs[0], state="done")
+    write_json(rec.folder(tmp_path) / "run" / "summary.json", {"metrics": {"loss": 2.5, "kd_acc": 0.25}})
+    Ledger(tmp_path, [rec]).write()
+    rows = {r.label: r for r in build_report(Ledger.read(tmp_path)).rows}
+    assert rows["pretraining loss [optim.lr=0.0001]"].mean == 2.5
+    assert rows["pretraining retrieval [optim.lr=0.0001]"].mean is None
