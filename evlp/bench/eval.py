@@ -11,20 +11,17 @@ from typing import Any
 
 import torch
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from evlp.bench.train import device_name, sync
 
 
 def _rate(fn: Any, n: int, device: torch.device, rounds: int) -> float:
     fn()  # warm-up
     best = float("inf")
     for _ in range(rounds):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return n / best
 
@@ -56,7 +53,6 @@ def bench_eval(ckpt: str, *, batch_size: int = 64, rounds: int = 3, device: str 
         with torch.inference_mode():
             model.encode_text(ids, mask)
 
-    return {"checkpoint": str(encoder.path), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
-            else f"cpu ({torch.get_num_threads()} threads)", "batch_size": batch_size, "image_size": size,
+    return {"checkpoint": str(encoder.path), "device": device_name(dev), "batch_size": batch_size, "image_size": size,
             "text_length": length, "image_embeddings_per_s": _rate(images, batch_size, dev, rounds),
             "text_embeddings_per_s": _rate(texts, batch_size, dev, rounds)}

@@ -31,9 +31,15 @@ from evlp.config.schema import PretrainConfig
 from evlp.dist import DistInfo
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or ``cpu (N threads)``."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 3) -> float:
@@ -44,11 +50,11 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None, 
     inner = 10 if device.type == "cuda" else 1
     best = float("inf")
     for i in range(repeats + 1):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(inner):
             a @ b
-        _sync(device)
+        sync(device)
         if i:  # the first round warms up
             best = min(best, (time.perf_counter() - t0) / inner)
     return 2.0 * n**3 / best
@@ -75,12 +81,12 @@ class _PhaseTimer:
 
     def _pre(self, *args: Any) -> None:
         if self.active:
-            _sync(self.device)
+            sync(self.device)
             self._t0 = time.perf_counter()
 
     def _post(self, *args: Any) -> None:
         if self.active:
-            _sync(self.device)
+            sync(self.device)
             self.seconds += time.perf_counter() - self._t0
 
 
@@ -133,6 +139,7 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
     from evlp.data.shards import expand_shards
     from evlp.errors import DataNotFoundError
     from evlp.models import place_module
+    from evlp.train.loop import to_device
     from evlp.train.optim import build_optimizer, peak_lr
     from evlp.data.teacher_cache import StandInTargets
     from evlp.train.pretrain import PretrainTask, cached_teacher_targets
@@ -173,10 +180,7 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
         autocast = (torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32
                     else torch.autocast(dev.type, enabled=False))
 
-        def to_device(b: dict[str, Any]) -> dict[str, Any]:
-            return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
-
-        flop_batch = to_device(next(batches))
+        flop_batch = to_device(next(batches), dev)
 
         def one_step() -> None:
             with autocast:
@@ -196,19 +200,19 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
             t0 = time.perf_counter()
             with autocast:
                 loss, _ = task.training_step(module, b, dist)
-            _sync(dev)
+            sync(dev)
             t1 = time.perf_counter()
             loss.backward()
-            _sync(dev)
+            sync(dev)
             t2 = time.perf_counter()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             module.student.clamp_logit_scales()
-            _sync(dev)
+            sync(dev)
             return t1 - t0, t2 - t1, time.perf_counter() - t2
 
         for _ in range(warmup):
-            step(to_device(next(batches)))
+            step(to_device(next(batches), dev))
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         phases: dict[str, list[float]] = {k: [] for k in
@@ -216,8 +220,8 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
         step_times: list[float] = []
         for _ in range(steps):  # the breakdown: synchronised phases
             t0 = time.perf_counter()
-            b = to_device(next(batches))
-            _sync(dev)
+            b = to_device(next(batches), dev)
+            sync(dev)
             wait = time.perf_counter() - t0
             for timer in (teacher, student):
                 if timer is not None:
@@ -238,7 +242,7 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
     rate = matmul_rate(dev, dtype if dtype != torch.float16 or dev.type == "cuda" else torch.float32)
     step_s = statistics.median(step_times)
     return {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": device_name(dev),
         "precision": precision, "batch_size": batch, "steps": steps, "warmup": warmup,
         "synthetic_data": bool(synthetic_data), "teacher": task.teacher is not None,
         "cached_teacher_targets": targets_kind,

@@ -183,21 +183,26 @@ def _missing(paths: list[Path], fix: str) -> str | None:
 
 
 # ---------------------------------------------------------------------- families
-def _seeded(make: Any, key: str, settings: SweepSettings, base_seed: int) -> list[SweepRun]:
-    """``settings.seeds`` runs of one training setting: the recipe's seed, then the next ones."""
+def _seeded(make: Any, key: str, settings: SweepSettings, base_seed: Any) -> list[SweepRun]:
+    """``settings.seeds`` runs of one training setting: the recipe's seed (``base_seed()``, resolved only when
+    there are several seeds), then the next ones."""
     if settings.seeds <= 1:
         return [make(key, None)]
-    return [make(f"{key}~seed={base_seed + i}", base_seed + i) for i in range(settings.seeds)]
+    base = base_seed()
+    return [make(f"{key}~seed={base + i}", base + i) for i in range(settings.seeds)]
 
 
-def _recipe_seed(command: str, options: dict[str, Any], settings: SweepSettings) -> int:
+def _recipe_seed(command: str, options: dict[str, Any], settings: SweepSettings, config: str | None = None,
+                 overrides: list[str] | tuple[str, ...] = ()) -> int:
+    """The seed a training run would use without a seed override (0 when its settings do not resolve: the run's
+    own resolution reports the problem, naming the run)."""
     from evlp.config.commands import resolve_training_config
 
     try:
-        cfg = resolve_training_config(command, config=settings.config, overrides=settings.overrides, out="__sweep__",
-                                      **options)
+        cfg = resolve_training_config(command, config=config if config is not None else settings.config,
+                                      overrides=[*settings.overrides, *overrides], out="__sweep__", **options)
     except ConfigError:
-        return 0  # the run itself reports the problem
+        return 0
     return int(cfg.train.seed)
 
 
@@ -212,7 +217,7 @@ def _train_family_runs(key: str, task: str, family: str, command: list[str], opt
 
     if missing:  # one skipped record, whatever the number of seeds
         return [make(key, None)]
-    return _seeded(make, key, settings, _recipe_seed(name, options, settings))
+    return _seeded(make, key, settings, lambda: _recipe_seed(name, options, settings))
 
 
 def glue_plan(settings: SweepSettings) -> list[SweepRun]:
@@ -342,7 +347,7 @@ def spec_plan(specs: list[GridSpec], settings: SweepSettings) -> list[SweepRun]:
                 overrides = [*spec.overrides, *(f"{k}={_fmt(v)}" for k, v in values.items())]
                 seeds = [seed] if seed is not None else (
                     [None] if settings.seeds <= 1 else
-                    [_spec_seed(name, params, config, settings, overrides) + i for i in range(settings.seeds)])
+                    [_recipe_seed(name, params, settings, config, overrides) + i for i in range(settings.seeds)])
                 for s in seeds:
                     key = group if s is None or (seed is None and settings.seeds <= 1) else f"{group}~seed={s}"
                     run = training_run(key, spec.name, "run", spec.command, params, settings, ROWS_OF[name],
@@ -363,15 +368,6 @@ def spec_plan(specs: list[GridSpec], settings: SweepSettings) -> list[SweepRun]:
                 runs.append(eval_run(group, spec.name, "run", spec.command, argv,
                                      [eval_row(spec.command, argv)], group=group, point=shown))
     return runs
-
-
-def _spec_seed(command: str, params: dict[str, Any], config: str | None, settings: SweepSettings,
-               overrides: list[str]) -> int:
-    from evlp.config.commands import resolve_training_config
-
-    cfg = resolve_training_config(command, config=config if config is not None else settings.config,
-                                  overrides=[*settings.overrides, *overrides], out="__sweep__", **params)
-    return int(cfg.train.seed)
 
 
 # ---------------------------------------------------------------------- selection

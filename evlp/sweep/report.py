@@ -134,11 +134,15 @@ def build_report(ledger: Ledger) -> SweepReport:
     """The table of ``ledger``'s records, read from their result files."""
     sweep_dir = ledger.sweep_dir
     results: dict[str, list[dict[str, Any]]] = {}
+    files: dict[str, dict[str, dict[str, Any]]] = {}  # run key -> row.result -> its JSON, each file read once
     groups: dict[str, list[Record]] = {}
     for rec in ledger.records:
         groups.setdefault(rec.run.group or rec.run.key, []).append(rec)
         if rec.state == "done":
-            results[rec.run.key] = [d for p in rec.result_files(sweep_dir) if (d := read_json_object(p)) is not None]
+            folder = rec.folder(sweep_dir)
+            loaded = {r.result: read_json_object(folder / r.result) for r in rec.run.rows}
+            files[rec.run.key] = {k: v for k, v in loaded.items() if v is not None}
+            results[rec.run.key] = list(files[rec.run.key].values())
     rows: list[TableRow] = []
     for group, recs in groups.items():
         first = recs[0].run
@@ -151,7 +155,7 @@ def build_report(ledger: Ledger) -> SweepReport:
             for rec in recs:
                 if rec.state != "done":
                     continue
-                data = read_json_object(rec.folder(sweep_dir) / row.result) or {}
+                data = files[rec.run.key].get(row.result) or {}
                 metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
                 value = row.value(metrics)
                 if value is None:

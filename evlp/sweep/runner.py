@@ -134,8 +134,9 @@ def live_metric(sweep_dir: Path, record: Record) -> str:
 def child_command(sweep_dir: Path, record: Record) -> tuple[list[str], bool]:
     """The command line of a run (and whether it resumes), writing a training run's config file first."""
     from evlp.checkpoint import latest_checkpoint
+    import yaml
+
     from evlp.config import dump_yaml
-    from evlp.config.loader import read_yaml
     from evlp.io import write_atomic
 
     run, folder = record.run, record.folder(sweep_dir)
@@ -145,8 +146,7 @@ def child_command(sweep_dir: Path, record: Record) -> tuple[list[str], bool]:
         return [*base, "--out", str(folder / RESULT)], False
     run_dir = folder / RUN_DIR
     config_file = folder / "config.yaml"
-    write_atomic(config_file, run.config_text or "")
-    data = read_yaml(config_file)
+    data = yaml.safe_load(run.config_text or "") or {}
     data["out"] = str(run_dir)
     write_atomic(config_file, dump_yaml(data))
     resume = latest_checkpoint(run_dir, verify=True) is not None

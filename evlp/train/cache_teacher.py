@@ -79,6 +79,8 @@ def cache_teacher(cfg: PretrainConfig, *, batch_size: int = 64, device: str | No
     Raises:
         DataNotFoundError: no shards; CheckpointError: the teacher's weights are missing.
     """
+    from safetensors.torch import save
+
     from evlp.data.shards import expand_shards, index_shard
     from evlp.data.teacher_cache import cache_path, read_cache
     from evlp.data.transforms import eval_transform
@@ -117,8 +119,6 @@ def cache_teacher(cfg: PretrainConfig, *, batch_size: int = 64, device: str | No
                 rows.append(torch.where(ok.to(dev)[:, None].bool(), target, torch.zeros_like(target)).cpu())
                 unreadable += int((ok == 0).sum())
             targets = torch.cat(rows) if rows else torch.zeros(0, teacher.width)
-            from safetensors.torch import save
-
             meta = {"keys": json.dumps(keys), "tag": tag, "shard": shard.name}
             write_atomic(out, save({"targets": targets.to(torch.float16).contiguous()}, metadata=meta))
             written += 1

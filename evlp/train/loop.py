@@ -77,7 +77,8 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A batch's tensors on ``device`` (other values unchanged)."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
@@ -253,7 +254,7 @@ class _Run:
         """One micro-batch; True when it completed an optimizer step."""
         acc, module = self.acc, self.module
         try:
-            batch = _to_device(next(batches), acc.device)
+            batch = to_device(next(batches), acc.device)
         except Exception:
             # a stop signal that also reached the DataLoader's workers (a scheduler signalling every process)
             # can end them while we wait for a batch: one process stops at its last completed step
