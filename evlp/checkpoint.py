@@ -15,8 +15,15 @@ Layout written by training (``evlp pretrain --out RUN``)::
         trainer_state.json          written last: step, figures, and the size and sha256 of every other
                                     file (``files``), so a damaged checkpoint is recognised on load
 
+A checkpoint of a sharded run (``train.strategy=fsdp`` on several processes) holds, instead of
+``model.safetensors`` and ``optimizer.bin``, accelerate's sharded state: ``pytorch_model_fsdp_0/`` and
+``optimizer_0/``, each a ``torch.distributed.checkpoint`` folder (``.metadata`` plus one ``__<rank>_0.distcp``
+file per process), listed in ``trainer_state.json`` like every other file. :func:`read_weights` gathers the
+model's shards into full tensors in one process, without a launcher, so evaluation, ``evlp.load`` and
+``evlp export`` read either kind.
+
 An exported model folder (``evlp export``) holds only ``model.safetensors`` (student keys, no prefix),
-``config.yaml``, ``text_config.json`` and ``tokenizer/``. Everything here reads both.
+``config.yaml``, ``text_config.json`` and ``tokenizer/``. Everything here reads all three.
 """
 
 from __future__ import annotations
@@ -36,6 +43,10 @@ EVAL_DIR = "eval"
 LATEST = "latest"
 BEST = "best"
 WEIGHTS = "model.safetensors"
+SHARDED_WEIGHTS = "pytorch_model_fsdp_0"
+"""accelerate's folder of the model's sharded state (``FSDP_MODEL_NAME`` + model index) in a sharded checkpoint."""
+SHARDED_PREFIX = "model."
+"""accelerate saves the sharded state as ``{"model": state_dict}``: its keys carry this prefix."""
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer"
 TEXT_CONFIG = "text_config.json"
@@ -165,7 +176,7 @@ def find_checkpoint(path: str | os.PathLike[str]) -> Path:
     if not p.exists():
         raise CheckpointError(f"checkpoint path {p} does not exist; pass a run folder (evlp pretrain --out) "
                               "or an exported model folder")
-    if (p / WEIGHTS).is_file() and (p / CONFIG).is_file():
+    if has_weights(p) and (p / CONFIG).is_file():
         return p
     if (p / CKPT_DIR).is_dir():
         latest = best_checkpoint(p) or latest_checkpoint(p, verify=True, deep=False)
@@ -173,8 +184,8 @@ def find_checkpoint(path: str | os.PathLike[str]) -> Path:
             return latest
         raise CheckpointError(f"run {p} has no complete checkpoint yet; resume it with "
                               f"`evlp pretrain --out {p} --resume` or wait for its first checkpoint")
-    raise CheckpointError(f"{p} is neither a run folder nor a checkpoint (expected {CKPT_DIR}/ or "
-                          f"{WEIGHTS} + {CONFIG})")
+    raise CheckpointError(f"{p} is neither a run folder nor a checkpoint (expected {CKPT_DIR}/, or {WEIGHTS} "
+                          f"or {SHARDED_WEIGHTS}/ + {CONFIG})")
 
 
 def run_of(ckpt: str | os.PathLike[str]) -> Path:
@@ -192,20 +203,73 @@ def eval_path(run_dir: str | os.PathLike[str], task: str, dataset: str | None = 
     return Path(run_dir) / EVAL_DIR / f"{name}.json"
 
 
-def load_student_state_dict(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
-    """The student's weights from a checkpoint or export (training-only keys dropped, prefix removed).
+def has_weights(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` holds model weights: ``model.safetensors`` or a sharded run's ``pytorch_model_fsdp_0/``."""
+    path = Path(folder)
+    return (path / WEIGHTS).is_file() or (path / SHARDED_WEIGHTS).is_dir()
+
+
+def read_weights(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The full state dict of a checkpoint or export: ``model.safetensors``, else the shards of
+    ``pytorch_model_fsdp_0/`` gathered (:func:`gather_sharded_weights`).
 
     Raises:
-        CheckpointError: the weights file is missing or unreadable.
+        CheckpointError: no weights, or unreadable ones.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(ckpt) / WEIGHTS
+    path = Path(folder)
+    if not (path / WEIGHTS).is_file() and (path / SHARDED_WEIGHTS).is_dir():
+        return gather_sharded_weights(path / SHARDED_WEIGHTS)
     try:
-        state = load_file(str(path))
+        return load_file(str(path / WEIGHTS))
     except (OSError, SafetensorError) as exc:
-        raise CheckpointError(f"cannot read weights {path}: {exc}") from None
+        raise CheckpointError(f"cannot read weights {path / WEIGHTS}: {exc}") from None
+
+
+def gather_sharded_weights(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Full CPU tensors of a ``torch.distributed.checkpoint`` folder of model weights, read in this process.
+
+    Every process of the sharded run wrote its pieces of each tensor; the folder's ``.metadata`` records each
+    tensor's full shape and dtype and where its pieces lie. Full-size tensors are allocated from it and filled by
+    ``torch.distributed.checkpoint.load`` without a process group (``no_dist``), so no launcher is needed and
+    the number of processes that wrote it does not matter.
+
+    Raises:
+        CheckpointError: a missing or unreadable piece (the message names the folder).
+    """
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(folder)
+    try:
+        reader = dcp.FileSystemReader(str(path))
+        tensors = {key: meta for key, meta in reader.read_metadata().state_dict_metadata.items()
+                   if isinstance(meta, TensorStorageMetadata)}
+        state = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in tensors.items()}
+        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": the point of no_dist
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=reader, no_dist=True)
+    except (Exception, CheckpointException) as exc:  # DCP wraps a failed read in a BaseException of its own
+        cause = next(iter(exc.failures.values()))[0] if isinstance(exc, CheckpointException) and exc.failures else exc
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise CheckpointError(f"cannot gather the sharded weights in {path} ({first}); the checkpoint is "
+                              "incomplete or damaged: use an earlier one (a run folder resumes from the newest "
+                              "intact one)") from exc
+    return {k.removeprefix(SHARDED_PREFIX): v for k, v in state.items()}
+
+
+def load_student_state_dict(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
+    """The student's weights from a checkpoint (sharded or not) or export (training-only keys dropped, prefix
+    removed).
+
+    Raises:
+        CheckpointError: the weights are missing or unreadable.
+    """
+    state = read_weights(ckpt)
     if any(k.startswith(STUDENT_PREFIX) for k in state):
         state = {k[len(STUDENT_PREFIX):]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
     return state
@@ -249,7 +313,7 @@ def load_weights_into(model: Any, path: str | os.PathLike[str], state: dict[str,
 
     Args:
         model: the module the checkpoint's config describes.
-        path: the checkpoint folder (``model.safetensors`` is read unless ``state`` is given).
+        path: the checkpoint folder (its weights are read, gathered if sharded, unless ``state`` is given).
         state: weights already read (e.g. the student's, prefix removed).
         device: default: CUDA when available.
 
@@ -257,10 +321,9 @@ def load_weights_into(model: Any, path: str | os.PathLike[str], state: dict[str,
         CheckpointError: missing or unexpected keys (the first few of each are named).
     """
     import torch
-    from safetensors.torch import load_file
 
     path = Path(path)
-    state = state if state is not None else load_file(str(path / WEIGHTS))
+    state = state if state is not None else read_weights(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"weights in {path} do not fit its config: {len(missing)} missing (first: "

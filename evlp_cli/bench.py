@@ -77,7 +77,11 @@ def data_cmd(
     json_out: Optional[Path] = _JSON,
     overrides: Optional[list[str]] = OVERRIDES,
 ) -> None:
-    """The pretraining image pipeline: augmented images/s per worker and in total, next to plain decoding."""
+    """The pretraining image pipeline: augmented images/s per worker and in total, next to plain decoding.
+
+    With data.augment_on=device (the default on a GPU) the workers' half is timed, and the batched half
+    (crop-resize, flip, jitter, normalise) separately on the device.
+    """
     from evlp.bench.data import bench_data
     from evlp.config.commands import resolve_training_config
     from evlp_cli._common import resolve_data

@@ -7,12 +7,13 @@ from typing import Optional
 
 import typer
 
-from evlp_cli._common import ROOT, data_option, resolve_data
+from evlp_cli._common import ROOT, data_option, is_main, launchable, resolve_data
 
 app = typer.Typer(help="Evaluate a checkpoint: COCO/Flickr retrieval R@K, ImageNet zero-shot.", no_args_is_help=True)
 
 
 @app.command("retrieval")
+@launchable
 def retrieval(
     ckpt: Path = typer.Option(..., "--ckpt", help="Run folder, checkpoint or exported model."),
     data: str = data_option("coco", "A Karpathy-style index: its folder (or the JSON, dataset_coco.json ...)"),
@@ -44,10 +45,12 @@ def retrieval(
             device=device,
         )
     )
-    _render.evaluation(result)
+    if is_main():
+        _render.evaluation(result)
 
 
 @app.command("zeroshot")
+@launchable
 def zeroshot(
     ckpt: Path = typer.Option(..., "--ckpt", help="Run folder, checkpoint or exported model."),
     data: str = data_option("imagenet", "ImageNet or any ImageFolder (its folder, or its split folder)"),
@@ -67,7 +70,9 @@ def zeroshot(
     from evlp.eval.zeroshot import ZeroShotConfig, evaluate_zeroshot
     from evlp_cli import _render
 
-    _render.evaluation(evaluate_zeroshot(ZeroShotConfig(
+    result = evaluate_zeroshot(ZeroShotConfig(
         ckpt=str(ckpt), data=str(resolve_data(data, root)), split=split, classes=str(classes) if classes else None,
         templates=str(templates) if templates else None, out=str(out) if out else None, batch_size=batch_size,
-        num_workers=num_workers, device=device)))
+        num_workers=num_workers, device=device))
+    if is_main():
+        _render.evaluation(result)

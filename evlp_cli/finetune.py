@@ -17,6 +17,7 @@ from evlp_cli._common import (
     config_option,
     data_option,
     is_main,
+    launchable,
     render_training,
 )
 
@@ -42,6 +43,7 @@ def _run(command: str, config: Optional[str], overrides: Optional[list[str]], re
 
 
 @app.command("imagenet")
+@launchable
 def imagenet(
     ckpt: Optional[Path] = CKPT,
     linear: bool = typer.Option(False, "--linear", help="Linear probe: freeze the image tower, train LN + Linear."),
@@ -58,6 +60,7 @@ def imagenet(
 
 
 @app.command("glue")
+@launchable
 def glue(
     task: str = typer.Option(..., "--task", "-t", help="cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte or wnli."),
     ckpt: Optional[Path] = CKPT,
@@ -73,6 +76,7 @@ def glue(
 
 
 @app.command("retrieval")
+@launchable
 def retrieval(
     ckpt: Optional[Path] = CKPT,
     data: Optional[str] = data_option(None, "coco, flickr30k, or a folder in their layout",

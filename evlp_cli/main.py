@@ -51,6 +51,22 @@ app.command("quickstart")(quickstart.quickstart)
 app.command("export")(model.export)
 
 
+def _quiet_except_errors() -> None:
+    """Only rank 0 renders and logs: the other ranks of a launch show only their errors."""
+    import logging
+    import warnings
+
+    warnings.showwarning = lambda *args, **kwargs: None
+    logging.disable(logging.WARNING)
+
+
+def _stopped_on_every_rank(exc: EvlpError) -> bool:
+    """A stop signal ends every rank at the same step with the same message: rank 0 reports it."""
+    from evlp.train.guard import RunInterrupted
+
+    return isinstance(exc, RunInterrupted)
+
+
 def main() -> None:
     """Console entry point: run the app, map evlp errors to one red line and an exit code.
 
@@ -58,7 +74,9 @@ def main() -> None:
     that torch adds to it (unless ``EVLP_DEBUG=1``).
     """
     debug = os.environ.get("EVLP_DEBUG", "") not in ("", "0")
-    if not debug:
+    if int(os.environ.get("RANK", "0")) != 0 and not debug:  # not rank 0 (as evlp.dist.is_main_process)
+        _quiet_except_errors()
+    elif not debug:
         import warnings
 
         def _one_line(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
@@ -74,7 +92,11 @@ def main() -> None:
             raise
         from evlp_cli import _render
 
-        _render.error(worker_message(str(exc)))  # an error in a DataLoader worker: its own message only
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0:
+            _render.error(worker_message(str(exc)))  # an error in a DataLoader worker: its own message only
+        elif not _stopped_on_every_rank(exc):
+            _render.error(f"rank {rank}: {worker_message(str(exc))}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         from evlp_cli import _render

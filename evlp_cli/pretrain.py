@@ -5,9 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from evlp_cli._common import OUT, OVERRIDES, RESUME, ROOT, STOP_AFTER, config_option, data_option, render_training
+from evlp_cli._common import (
+    OUT,
+    OVERRIDES,
+    RESUME,
+    ROOT,
+    STOP_AFTER,
+    config_option,
+    data_option,
+    launchable,
+    render_training,
+)
 
 
+@launchable
 def pretrain(
     config: Optional[str] = config_option("pretrain"),
     data: Optional[str] = data_option(None, "The training shards (data.root)"),
@@ -17,7 +28,7 @@ def pretrain(
     stop_after: Optional[int] = STOP_AFTER,
     overrides: Optional[list[str]] = OVERRIDES,
 ) -> None:
-    """Pretrain S-SMKE (1 CPU to N GPUs; launch with `accelerate launch -m evlp_cli.main pretrain ...` for several)."""
+    """Pretrain S-SMKE on 1 CPU to N GPUs (--num-processes N) on one or several machines."""
     from evlp.config.commands import resolve_training_config
     from evlp_cli import _render
     from evlp_cli._common import is_main

@@ -12,6 +12,11 @@ import pytest
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1",
                "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
 os.environ.update(OFFLINE_ENV)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two test processes share the cores: one compute thread each (and in every process a test starts), or
+    # torch's spinning thread pools oversubscribe the machine and slow some tests down tenfold
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 _SCRIPT = Path(sys.executable).parent / "evlp"

@@ -2,8 +2,10 @@
 
 The pipeline measured is the one pretraining runs: shard members (or loose image files) are read, decoded (with
 JPEG draft when the crop allows it, see evlp.data.transforms), augmented by the recipe's train transform under
-the per-sample seeding of evlp.data.seeding, and stacked into batches by ``N`` DataLoader workers. Captions are
-not tokenised: the figure is about images. Next to it, plain PIL decoding of the same files (``Image.open`` +
+the per-sample seeding of evlp.data.seeding, and stacked into batches by ``N`` DataLoader workers. With
+``data.augment_on=device`` (the default on a GPU) the workers decode and draw the augmentation and hand over uint8 pixels;
+the crop-resize, flip, jitter and normalisation run batched on the device (evlp.data.device_augment), timed
+separately on the batches the workers delivered. Captions are not tokenised: the figure is about images. Next to it, plain PIL decoding of the same files (``Image.open`` +
 ``convert("RGB")``, in this process) gives the ceiling one core could reach.
 
 Both rates are wall-clock rates after a warm-up (worker start-up and the first batches are excluded). With
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 
 from evlp.config.schema import PretrainConfig
+from evlp.data.device_augment import DeferredImage, TrainAugment, collate_images
 from evlp.data.layouts import IMAGE_EXTENSIONS, IMAGE_SUFFIXES
 from evlp.data.seeding import close_loader, loader_generator, quiet_worker, seeded
 from evlp.data.shards import SKIP_ERRORS, ShardStream, index_shard
@@ -51,9 +54,35 @@ class _DecodeImage:
         return None if data is None else self.pixels(data)
 
 
-def _collate(samples: list[torch.Tensor | None]) -> dict[str, torch.Tensor]:
+def _collate(samples: list[Any]) -> dict[str, torch.Tensor]:
+    """Augmented images -> ``{"image"}``; deferred ones (data.augment_on=device) -> padded uint8 + parameters."""
     kept = [s for s in samples if s is not None]
+    if kept and isinstance(kept[0], DeferredImage):
+        return collate_images(kept)
     return {"image": torch.stack(kept) if kept else torch.empty(0)}
+
+
+def _count(batch: dict[str, torch.Tensor]) -> int:
+    return len(batch.get("image_params", batch.get("image", ())))
+
+
+def _device_rate(augment: Any, batches: list[dict[str, torch.Tensor]], device: torch.device) -> float:
+    """Images/s of the device half of the augmentation (evlp.data.device_augment) over ``batches`` on
+    ``device``, after one warm-up batch; timed over whole passes until at least ``_DECODE_MIN_S``."""
+    from evlp.bench.train import sync
+
+    on_device = [{k: b[k].to(device) for k in ("image_pixels", "image_params")} for b in batches]
+    augment.on_device(on_device[0]["image_pixels"], on_device[0]["image_params"])
+    sync(device)
+    n, start = 0, time.perf_counter()
+    while True:
+        for b in on_device:
+            augment.on_device(b["image_pixels"], b["image_params"])
+            n += len(b["image_params"])
+        sync(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= _DECODE_MIN_S:
+            return n / elapsed
 
 
 class _FileImages(torch.utils.data.Dataset):
@@ -65,7 +94,7 @@ class _FileImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, k: int) -> torch.Tensor | None:
+    def __getitem__(self, k: int) -> Any:
         data = self.files[k % len(self.files)].read_bytes()
         try:
             with seeded(self.seed, 0, k):
@@ -151,6 +180,7 @@ def bench_data(
     warmup_batches: int | None = None,
     decode_images: int = 200,
     draft: bool = True,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Measure the pretraining image pipeline on ``data``: augmented images/s in total and per worker, next to
     plain PIL decoding of the same files on one core.
@@ -169,13 +199,18 @@ def bench_data(
         decode_images: how many of the files the plain-decoding figure is measured on.
         draft: False decodes every JPEG in full before cropping (the pipeline before JPEG draft), for
             comparison.
+        device: where the device half of the augmentation is timed (``data.augment_on=device``, the default
+            on a GPU: the workers decode and draw, the device crops, resizes, flips, jitters and normalises in
+            batches); None: CUDA when available, else the CPU.
 
     Returns:
         A JSON-ready dict: ``images_per_s``, ``per_worker_images_per_s``, ``decode_images_per_s``,
         ``pipeline_vs_decode`` (per-worker pipeline rate / plain decoding rate), ``images`` and ``seconds``
         timed, ``warmup_batches``, ``decode_images`` and ``decode_seconds``, ``image_sizes`` (smallest, median,
         largest ``[width, height]`` of the decoded files), ``source`` (``"shards"`` or ``"files"``), ``inputs``
-        (shard or file count), ``workers``, ``batch_size``, ``img_size`` and ``draft``.
+        (shard or file count), ``workers``, ``batch_size``, ``img_size`` and ``draft``; with
+        ``data.augment_on=device`` the pipeline figures are the workers' half and ``device_augment_images_per_s`` is
+        the device half's rate on ``augment_device`` (None without it).
 
     Raises:
         ConfigError: a count below its minimum.
@@ -201,7 +236,9 @@ def bench_data(
         images = max(4 * batch_size, min(found, 1024))
     timed_batches = -(-images // batch_size)
     warmup = 2 * max(1, workers) if warmup_batches is None else warmup_batches
-    decode = _DecodeImage(pretrain_transforms(cfg.data, img_size)[0], draft)
+    augment = pretrain_transforms(cfg.data, img_size)[0]
+    deferred = isinstance(augment, TrainAugment)
+    decode = _DecodeImage(augment, draft)
     if kind == "shards":
         dataset: Any = ShardStream(inputs, batch_size=batch_size, decode=decode, collate=_collate, seed=seed,
                                    num_workers=workers)
@@ -221,9 +258,12 @@ def bench_data(
     try:
         for _ in range(warmup):
             next(batches)
-        n, start = 0, time.perf_counter()
+        n, start, kept = 0, time.perf_counter(), []
         for _ in range(timed_batches):
-            n += len(next(batches)["image"])
+            batch = next(batches)
+            n += _count(batch)
+            if deferred and len(kept) < 4:
+                kept.append(batch)
         seconds = time.perf_counter() - start
     finally:
         close_loader(batches)
@@ -234,6 +274,8 @@ def bench_data(
 
     rate = n / seconds
     per_worker = rate / max(1, workers)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device_rate = _device_rate(augment, [b for b in kept if _count(b)], dev) if deferred and kept else None
     decode_rate = decoded / decode_seconds
     return {
         "data": str(data), "source": kind, "inputs": len(inputs), "workers": workers, "batch_size": batch_size,
@@ -241,4 +283,6 @@ def bench_data(
         "images": n, "seconds": seconds, "images_per_s": rate, "per_worker_images_per_s": per_worker,
         "decode_images": decoded, "decode_seconds": decode_seconds, "decode_images_per_s": decode_rate,
         "pipeline_vs_decode": per_worker / decode_rate, "image_sizes": _size_summary(sizes),
+        "device_augment": deferred, "augment_device": str(dev) if deferred else None,
+        "device_augment_images_per_s": device_rate,
     }

@@ -3,8 +3,8 @@
 One pretraining step of a recipe (student + frozen teacher + ITC + KD with its memory bank + AdamW), on the real
 data pipeline, timed after a warm-up: samples/s, the median step time, peak memory, and model FLOPs utilisation
 (MFU) against the matmul rate this command measures on the same device (fp32 on CPU; bf16 or tf32 on GPU, as the
-recipe's precision says). The step is broken into data wait, teacher, student forward, loss, backward and
-optimizer by synchronising the device between phases; the step time is the wall time of the whole step,
+recipe's precision says). The step is broken into data wait, batched augmentation, teacher, student forward,
+loss, backward and optimizer by synchronising the device between phases; the step time is the wall time of the whole step,
 data wait included (on CPU the phases run one after the other anyway; on GPU the synchronisation costs a
 little, so the figure is slightly conservative).
 
@@ -95,7 +95,8 @@ def _synthetic_shards(cfg: PretrainConfig, n: int, folder: Path) -> PretrainConf
     from evlp.data.synth import synthesize
 
     synthesize(folder, n_train=n, n_test=1, seed=0, shard_size=max(n, 1), image_size=256)
-    data = dataclasses.replace(cfg.data, root=str(folder), train=["train"], val=None, samples_per_epoch=None)
+    data = dataclasses.replace(cfg.data, root=str(folder), train=["train"], sources=[], val=None,
+                               samples_per_epoch=None)
     return dataclasses.replace(cfg, data=data)
 
 
@@ -136,7 +137,7 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
         ``samples_per_s``, ``step_s`` (median), ``mfu`` (0-1), ``peak_memory_bytes``, ``breakdown_s`` (median
         seconds per phase), ``model_flops_per_step``, ``matmul_flops_per_s`` and what was measured.
     """
-    from evlp.data.shards import expand_shards
+    from evlp.data.mix import training_shards
     from evlp.errors import DataNotFoundError
     from evlp.models import place_module
     from evlp.train.loop import to_device
@@ -156,7 +157,7 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
     with tempfile.TemporaryDirectory(prefix="evlp-bench-") as tmp:
         if synthetic_data is None:
             try:
-                synthetic_data = not expand_shards(cfg.data.root, cfg.data.train)
+                synthetic_data = not training_shards(cfg.data)
             except (DataNotFoundError, OSError, ValueError):
                 synthetic_data = True
         if synthetic_data:
@@ -165,7 +166,7 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
         targets, targets_kind = None, None
         if cfg.model.teacher.cache and cfg.model.teacher.enabled and cfg.loss.kd_weight > 0:
             try:
-                targets = cached_teacher_targets(cfg, expand_shards(cfg.data.root, cfg.data.train))
+                targets = cached_teacher_targets(cfg, training_shards(cfg.data))
                 targets_kind = "cache"
             except DataNotFoundError:  # no cache yet: stand-in targets of the same shape, the same loss work
                 targets, targets_kind = StandInTargets(cfg.model.target_dim), "stand-in"
@@ -180,7 +181,7 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
         autocast = (torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32
                     else torch.autocast(dev.type, enabled=False))
 
-        flop_batch = to_device(next(batches), dev)
+        flop_batch = task.on_device(to_device(next(batches), dev))
 
         def one_step() -> None:
             with autocast:
@@ -212,17 +213,21 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
             return t1 - t0, t2 - t1, time.perf_counter() - t2
 
         for _ in range(warmup):
-            step(to_device(next(batches), dev))
+            step(task.on_device(to_device(next(batches), dev)))
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         phases: dict[str, list[float]] = {k: [] for k in
-                                          ("data_wait", "teacher", "student_forward", "loss", "backward", "optimizer")}
+                                          ("data_wait", "augment", "teacher", "student_forward", "loss", "backward",
+                                           "optimizer")}
         step_times: list[float] = []
         for _ in range(steps):  # the breakdown: synchronised phases
             t0 = time.perf_counter()
             b = to_device(next(batches), dev)
             sync(dev)
             wait = time.perf_counter() - t0
+            b = task.on_device(b)  # the batched augmentation (data.augment_on=device)
+            sync(dev)
+            augment = time.perf_counter() - t0 - wait
             for timer in (teacher, student):
                 if timer is not None:
                     timer.active, timer.seconds = True, 0.0
@@ -232,6 +237,7 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
                     timer.active = False
             t_teacher = teacher.seconds if teacher is not None else 0.0
             phases["data_wait"].append(wait)
+            phases["augment"].append(augment)
             phases["teacher"].append(t_teacher)
             phases["student_forward"].append(student.seconds)
             phases["loss"].append(max(fwd - t_teacher - student.seconds, 0.0))

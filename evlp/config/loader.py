@@ -153,7 +153,10 @@ def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
             problems.append(f"unknown key '{path}{key}'{hint}")
             continue
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        item = _section_item(tp)
+        if item is not None and isinstance(value, (list, tuple)):  # a list of sections (data.sources)
+            kwargs[key] = [_build(item, v, f"{path}{key}[{i}].", problems) for i, v in enumerate(value)]
+        elif dataclasses.is_dataclass(tp):
             if isinstance(value, dict):  # keep what this class's own default changes in the section
                 defaults = defaults if defaults is not None else cls()
                 own, plain = to_dict(getattr(defaults, key)), to_dict(tp())
@@ -166,6 +169,12 @@ def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
     except TypeError as exc:  # pragma: no cover - every field has a default
         problems.append(f"{path or 'config'}: {exc}")
         return cls()
+
+
+def _section_item(tp: Any) -> type | None:
+    """The item class of a ``list[SomeSection]`` field (a list of dataclasses), else None."""
+    args = get_args(tp)
+    return args[0] if get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]) else None
 
 
 def _type_name(tp: Any) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from evlp.config.finetune import FinetuneConfig, finetune_optim
-from evlp.config.schema import OptimConfig, TrainConfig, augmentation_problems
+from evlp.config.schema import AugmentOn, OptimConfig, TrainConfig, augmentation_problems
 
 RETRIEVAL_DATASETS = ("coco", "flickr30k")
 
@@ -27,6 +27,9 @@ class RetrievalFinetuneConfig(FinetuneConfig):
     crop_scale: tuple[float, float] = (0.5, 1.0)
     hflip: float = 0.5
     color_jitter: float = 0.0
+    augment_on: AugmentOn = "auto"
+    """Where crop-resize, flip, jitter and normalisation run: ``device`` (batched), ``workers`` or ``auto``
+    (device on a GPU); see pretraining's ``data.augment_on``."""
     num_workers: int = 8
     optim: OptimConfig = field(default_factory=lambda: finetune_optim(lr=3e-5))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=1024, epochs=5, log_every=20,

@@ -3,16 +3,21 @@
 The defaults below are the paper's S-SMKE setup (reference.md sections 1-4); YAML recipes in
 ``configs/`` only hold what differs. Every section has a ``validate()`` that returns a list of
 problems (never raises), so the loader can report all of them at once.
+
+Why this module is long: it is the one table of every pretraining default, each with its reason and its check
+beside it (what ``evlp config show`` resolves); split by section, a reader would chase one config over files.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from evlp.config.presets import model_preset
 
 Precision = Literal["auto", "bf16", "fp16", "no"]
+AugmentOn = Literal["auto", "device", "workers"]
 
 
 def _positive(problems: list[str], prefix: str, **values: float | int | None) -> None:
@@ -39,6 +44,22 @@ def augmentation_problems(p: str, crop_scale: tuple[float, float], hflip: float,
         problems.append(f"{p}color_jitter: must be >= 0, got {color_jitter}")
     if num_workers < 0:
         problems.append(f"{p}num_workers: must be >= 0, got {num_workers}")
+    return problems
+
+
+def lock_problems(p: str, lock: bool, unlocked_layers: int | None, train_norms: bool,
+                  layers: int | None) -> list[str]:
+    """Checks of a tower's lock fields (``lock``, ``unlocked_layers``, ``train_norms``); ``layers``: how many
+    layers the tower has, when the config knows it."""
+    problems: list[str] = []
+    if unlocked_layers is not None and unlocked_layers < 0:
+        problems.append(f"{p}unlocked_layers: must be >= 0 (0 = the whole tower locked), got {unlocked_layers}")
+    elif unlocked_layers is not None and layers is not None and unlocked_layers > layers:
+        problems.append(f"{p}unlocked_layers: {unlocked_layers} but the tower has {layers} layers; at most "
+                        f"{layers} (or leave it out: nothing locked)")
+    if train_norms and not lock and unlocked_layers is None:
+        problems.append(f"{p}train_norms: applies to a locked tower only; set {p}lock=true (or "
+                        f"{p}unlocked_layers=K), or drop {p}train_norms")
     return problems
 
 
@@ -85,6 +106,15 @@ class TextTowerConfig:
     """Tokens per caption, [CLS] and [SEP] included (truncate, then pad)."""
     dropout: float = 0.1
     """BERT's hidden and attention dropout (0.1 as in the pretrained bert-base-uncased config)."""
+    lock: bool = False
+    """Freeze the whole tower (LiT's locked tower, evlp.models.lock): its parameters get no gradient and no
+    optimizer state, and its forward runs in eval mode under ``torch.no_grad`` (no activations kept)."""
+    unlocked_layers: int | None = None
+    """Partly locked: freeze the tower except its top this many layers (and what follows them, e.g. a final
+    norm); implies ``lock``; 0 = the whole tower. ``None``: only ``lock`` decides."""
+    train_norms: bool = False
+    """With a (partly) locked tower, its LayerNorms still train (a few parameters that adapt the frozen features;
+    the locked part then keeps the activations their gradients need)."""
 
     def validate(self, p: str = "model.text.") -> list[str]:
         problems: list[str] = []
@@ -101,6 +131,7 @@ class TextTowerConfig:
         if self.name_or_path is None and self.tokenizer is None:
             problems.append(f"{p}tokenizer: a random-init text tower (name_or_path: null) needs a tokenizer, "
                             "e.g. model.text.tokenizer=minilm or tiny")
+        problems += lock_problems(p, self.lock, self.unlocked_layers, self.train_norms, self.num_layers)
         return problems
 
     @property
@@ -119,9 +150,18 @@ class ImageTowerConfig(ViTShape):
     checkpoint: str | None = "base_imagenet.pt"
     """Weights: fairseq's ``base_imagenet.pt`` for data2vec2, a timm state dict for timm models, or ``hub``
     (timm's pretrained download). Relative paths are under ``paths.models``. ``None`` = random init."""
+    lock: bool = False
+    """Freeze the whole tower (LiT: a pretrained image tower, locked, teaches the text tower to read it); as
+    ``model.text.lock``."""
+    unlocked_layers: int | None = None
+    """Partly locked: only the top this many transformer blocks (and what follows them) train; as
+    ``model.text.unlocked_layers`` (transformer towers only)."""
+    train_norms: bool = False
+    """With a (partly) locked tower, its norm layers still train; as ``model.text.train_norms``."""
 
     def validate(self, p: str = "model.image.") -> list[str]:
-        return self.shape_problems(p)
+        return self.shape_problems(p) + lock_problems(p, self.lock, self.unlocked_layers, self.train_norms,
+                                                      self.depth if self.name == "data2vec2" else None)
 
 
 @dataclass
@@ -146,7 +186,8 @@ class SharedBlockConfig:
 @dataclass
 class TeacherConfig(ViTShape):
     """The frozen image teacher: ``beitv2`` (BEiTv2's layout; target = the un-normalised CLS of the last
-    block) or any timm model name (target = its pooled pre-logits feature)."""
+    block), ``clip`` (a CLIP image tower in the transformers layout, ``name_or_path``; target = its projected
+    embedding) or any timm model name (target = its pooled pre-logits feature)."""
 
     enabled: bool = True
     name: str = "beitv2"
@@ -158,9 +199,21 @@ class TeacherConfig(ViTShape):
     cache: bool = False
     """Read the teacher's targets from the cache that ``evlp data cache-teacher`` writes beside the shards
     (the teacher then sees a fixed evaluation view of each image, not the augmented one) instead of running it."""
+    name_or_path: str | None = None
+    """With ``name: clip``: a CLIP model in the transformers layout (``CLIPVisionModelWithProjection`` or a whole
+    ``CLIPModel``), as a local folder or a hub id (``openai/clip-vit-base-patch16``). It sees the student's image
+    resized to its own input size and normalised with CLIP's mean/std (evlp.models.teacher); ``width`` and
+    ``img_size`` are read from its config and ``checkpoint`` does not apply."""
 
     def validate(self, p: str = "model.teacher.") -> list[str]:
-        return self.shape_problems(p)
+        problems = self.shape_problems(p)
+        if self.name == "clip" and not self.name_or_path:
+            problems.append(f"{p}name_or_path: a CLIP teacher needs its model, a folder or hub id, e.g. "
+                            f"{p}name_or_path=openai/clip-vit-base-patch16")
+        elif self.name != "clip" and self.name_or_path:
+            problems.append(f"{p}name_or_path is for name=clip (this teacher is {self.name!r}, weights from "
+                            f"{p}checkpoint); set {p}name=clip or drop {p}name_or_path")
+        return problems
 
 
 @dataclass
@@ -186,7 +239,7 @@ class ModelConfig:
                     + self.shared.validate(p + "shared.") + self.teacher.validate(p + "teacher."))
         _positive(problems, p, tte_scale_init=self.tte_scale_init, init_temperature=self.init_temperature,
                   max_logit_scale=self.max_logit_scale)
-        if self.teacher.enabled and self.teacher.img_size != self.image.img_size:
+        if self.teacher.enabled and self.teacher.name != "clip" and self.teacher.img_size != self.image.img_size:
             problems.append(f"{p}teacher.img_size {self.teacher.img_size} differs from image.img_size "
                             f"{self.image.img_size}; the teacher sees the student's augmented image")
         return problems
@@ -210,10 +263,18 @@ class LossConfig:
     """FIFO bank of past teacher targets used as extra KD negatives; 0 disables it."""
     kd_global_negatives: bool = False
     """Also use the other ranks' current-step targets as KD negatives (the reference uses local ones only)."""
+    itc: Literal["softmax", "sigmoid"] = "softmax"
+    """The ITC loss on both levels: ``softmax`` (CLIP's InfoNCE, the reference) or ``sigmoid`` (SigLIP: every
+    image-text pair a binary decision with a learnable scale and bias, computed in chunks passed around the
+    processes, evlp.losses.siglip)."""
+    sigmoid_init_scale: float = 10.0
+    """With ``itc=sigmoid``: the initial scale t of both levels (SigLIP's 10; replaces 1/model.init_temperature)."""
+    sigmoid_init_bias: float = -10.0
+    """With ``itc=sigmoid``: the initial bias b of both levels (SigLIP's -10: most pairs are negatives)."""
 
     def validate(self, p: str = "loss.") -> list[str]:
         problems: list[str] = []
-        _positive(problems, p, kd_temperature=self.kd_temperature)
+        _positive(problems, p, kd_temperature=self.kd_temperature, sigmoid_init_scale=self.sigmoid_init_scale)
         if self.kd_weight < 0 or self.itc_weight < 0:
             problems.append(f"{p}kd_weight/itc_weight: must be >= 0")
         if self.kd_weight == 0 and self.itc_weight == 0:
@@ -224,22 +285,70 @@ class LossConfig:
 
 
 @dataclass
+class DataSource:
+    """One shard set of a training mix (an item of ``data.sources``)."""
+
+    path: str = ""
+    """A folder (searched recursively for ``*.tar``), tar file, glob or brace pattern, relative to ``data.root``."""
+    weight: float | Literal["size"] = 1.0
+    """Its share of the training samples, relative to the other sources' weights (not to their sizes);
+    ``size``: its number of samples (with ``data.mix=batch``, ZeroVL's debiased sampling)."""
+    name: str | None = None
+    """Shown in the data state; default: the path's last plain folder name (``cc3m`` for ``cc3m/{00000..00331}.tar``)."""
+
+    @property
+    def label(self) -> str:
+        """``name``, or the last part of ``path`` that is no pattern and no ``.tar`` file."""
+        if self.name:
+            return self.name
+        plain = [part for part in Path(self.path).parts
+                 if part not in (".", "..", "/") and not part.endswith(".tar") and not any(c in part for c in "*?[{")]
+        return plain[-1] if plain else self.path
+
+    def validate(self, p: str) -> list[str]:
+        problems: list[str] = []
+        if not self.path:
+            problems.append(f"{p}path: needs a shard folder, file or pattern (relative to data.root)")
+        if self.weight != "size" and self.weight <= 0:
+            problems.append(f"{p}weight: must be > 0 (or size), got {self.weight}; drop the source to leave it out")
+        if self.name is not None and not self.name:
+            problems.append(f"{p}name: must not be empty (leave it out to name the source after its path)")
+        return problems
+
+
+TRAIN_ROOT = ["."]
+"""``data.train``'s default: every shard under ``data.root``."""
+
+
+@dataclass
 class DataConfig:
     """Training shards (webdataset, img2dataset layout) and the pretraining augmentation."""
 
     root: str = "data"
     """Data root (``--data``); ``train`` entries are relative to it."""
-    train: list[str] = field(default_factory=lambda: ["."])
+    train: list[str] = field(default_factory=lambda: list(TRAIN_ROOT))
     """Folders (searched recursively for ``*.tar``), tar files, or brace patterns like ``cc3m/{00000..00331}.tar``."""
+    sources: list[DataSource] = field(default_factory=list)
+    """Several shard sets mixed by weight (evlp.data.mix), e.g. ``[{path: cc3m, weight: 2}, {path: cc12m},
+    {path: coco, weight: 0.5}]``; each keeps its own shuffle and epoch and restarts when it runs out (a small
+    source repeats, a large one need not be used up). Empty: ``train`` is the one source."""
+    mix: Literal["sample", "batch"] = "sample"
+    """How ``sources`` mix: ``sample`` draws each sample's source by weight; ``batch`` draws one source for a
+    whole batch (every process's batch from the same one). Either way the same on every process."""
     val: str | None = None
     """Karpathy-style retrieval index (folder or JSON, relative to root) evaluated at the end of training."""
     val_split: str = "test"
     samples_per_epoch: int | None = None
-    """Nominal epoch length; by default counted from the shards' ``*_stats.json`` or their members."""
+    """Nominal epoch length (the schedule's unit); by default counted from the shards' ``*_stats.json`` or their
+    members; with ``sources``, the sum of their sizes (whatever their weights)."""
     num_workers: int = 8
     crop_scale: tuple[float, float] = (0.9, 1.0)
     color_jitter: float = 0.4
     hflip: float = 0.5
+    augment_on: AugmentOn = "auto"
+    """``device``: workers decode and draw the augmentation, the crop-resize, flip, colour jitter and
+    normalisation run batched on the training device (evlp.data.device_augment); ``workers``: all of it in the
+    data workers (PIL); ``auto``: device on a GPU, workers on a CPU (where the "device" is the same cores)."""
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -247,10 +356,23 @@ class DataConfig:
         problems: list[str] = []
         if not self.train:
             problems.append(f"{p}train: needs at least one shard folder, file or pattern")
+        problems += self.sources_problems(p)
         problems += augmentation_problems(p, self.crop_scale, self.hflip, self.color_jitter, self.num_workers)
         if any(s <= 0 for s in self.std):
             problems.append(f"{p}std: must be > 0, got {list(self.std)}")
         _positive(problems, p, samples_per_epoch=self.samples_per_epoch)
+        return problems
+
+    def sources_problems(self, p: str = "data.") -> list[str]:
+        """Checks of ``sources``: each entry, distinct names, and not together with a ``train`` list."""
+        problems = [q for i, source in enumerate(self.sources) for q in source.validate(f"{p}sources[{i}].")]
+        if self.sources and self.train != TRAIN_ROOT:
+            problems.append(f"{p}sources and {p}train are both set ({self.train}): list every shard set under "
+                            f"{p}sources (or leave {p}sources out)")
+        names = [source.label for source in self.sources]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(f"{p}sources: {names.count(name)} sources are named {name!r}; give them distinct "
+                            "`name:` values")
         return problems
 
 
@@ -272,10 +394,19 @@ class OptimConfig:
     """Overrides ``warmup_ratio`` when set."""
     grad_clip: float = 0.0
     """Max global gradient norm; 0 disables clipping."""
+    lr_scale_image: float = 1.0
+    """Multiplies the LR of every parameter inside an image tower (its own layer-wise scales included), e.g. 0.1
+    for a pretrained tower beside fresh layers. A locked tower has no trainable parameters to scale."""
+    lr_scale_text: float = 1.0
+    """Multiplies the LR of every parameter inside a text tower; as ``lr_scale_image``."""
 
     def validate(self, p: str = "optim.") -> list[str]:
         problems: list[str] = []
         _positive(problems, p, lr=self.lr, lr_base_batch=self.lr_base_batch, eps=self.eps)
+        for name in ("lr_scale_image", "lr_scale_text"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{p}{name}: must be > 0, got {getattr(self, name)}; to freeze a tower set "
+                                f"model.{name.rsplit('_', 1)[1]}.lock=true (no gradients at all)")
         if not all(0 <= b < 1 for b in self.betas):
             problems.append(f"{p}betas: both in [0, 1), got {list(self.betas)}")
         if self.weight_decay < 0:
@@ -294,8 +425,16 @@ class TrainConfig:
     """Loop settings: batch, length, precision, logging and checkpointing."""
 
     batch_size: int = 256
-    """Per device (per process), per micro-batch."""
+    """Per device (per process), per micro-batch; with ``global_batch_size``, the largest micro-batch a process
+    takes."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step. With ``global_batch_size`` leave it at 1 to have it derived; another
+    value pins it."""
+    global_batch_size: int | None = None
+    """Samples per optimizer step over all processes. When set, each process's micro-batch (the largest that
+    divides its share and is at most ``batch_size``) and the accumulation steps follow from it and the number of
+    processes, so a recipe trains the same on 1, 2 or 8 GPUs; the LR rule and the epoch length use it.
+    ``None`` = ``batch_size x processes x grad_accum``."""
     epochs: int = 7
     max_steps: int | None = None
     """Optimizer steps; overrides ``epochs`` when set."""
@@ -318,6 +457,25 @@ class TrainConfig:
     grad_checkpointing: bool = False
     """Recompute the transformer blocks' activations in the backward pass: much less activation memory (a larger
     batch per GPU) for about a third more compute."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """How a multi-process launch holds the model: ``ddp`` keeps all weights, gradients and optimizer state on
+    every process; ``fsdp`` shards the three over the processes (FSDP2 through accelerate, one unit per transformer
+    block, :mod:`evlp.train.strategy`), for models that do not fit one device. Same losses and updates either way;
+    its checkpoints are sharded (``evlp export``, ``evlp.load`` and evaluation gather them). One process trains
+    unsharded."""
+    fsdp_sharding: Literal["full_shard", "shard_grad_op"] = "full_shard"
+    """With ``strategy=fsdp``: ``full_shard`` frees each block's gathered weights after its forward and gathers
+    them again for its backward (least memory); ``shard_grad_op`` keeps them from forward to backward (one
+    all-gather less per block and step; ZeRO-2's memory)."""
+    log_with: Literal["none", "tensorboard", "wandb"] = "none"
+    """Experiment tracker: the resolved config as hyperparameters, every ``metrics.jsonl`` record at its step,
+    validations and the final evaluation. wandb runs offline (``wandb sync`` later) unless an API key is set up
+    (``WANDB_API_KEY`` or ``wandb login``) or ``WANDB_MODE`` says otherwise."""
+    tracking_dir: str | None = None
+    """Where the tracker writes: ``None`` = ``RUN/tracking``; a folder shared by several runs gets one sub-folder
+    per run (named after the run folder)."""
+    wandb_project: str = "evlp"
+    """The wandb project (the wandb run is named after the run folder)."""
 
     def validate(self, p: str = "train.") -> list[str]:
         problems: list[str] = []
@@ -326,6 +484,14 @@ class TrainConfig:
                   ckpt_every=self.ckpt_every, eval_every=self.eval_every)
         if self.keep_checkpoints < 0:
             problems.append(f"{p}keep_checkpoints: must be >= 0, got {self.keep_checkpoints}")
+        _positive(problems, p, global_batch_size=self.global_batch_size)
+        if self.global_batch_size and self.grad_accum > 1:
+            _divides(problems, p, "global_batch_size", self.global_batch_size, "train.grad_accum", self.grad_accum)
+        if not self.wandb_project:
+            problems.append(f"{p}wandb_project: must not be empty")
+        if self.fsdp_sharding != "full_shard" and self.strategy != "fsdp":
+            problems.append(f"{p}fsdp_sharding={self.fsdp_sharding} needs {p}strategy=fsdp (this run would train "
+                            f"with {self.strategy}); set {p}strategy=fsdp, or drop {p}fsdp_sharding")
         return problems
 
 

@@ -14,16 +14,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from evlp.data.device_augment import DeferredImage, collate_images
 from evlp.data.layouts import IMAGE_EXTENSIONS
+from evlp.data.mix import MixedStream, MixTracker, Source
 from evlp.data.seeding import close_loader, loader_generator, quiet_worker
-from evlp.data.shards import ShardStream, StreamTracker
+from evlp.data.shards import ShardStream, StreamTracker, is_mix_state
 from evlp.data.tokenize import CaptionTokenizer
 from evlp.data.transforms import open_rgb
 from evlp.dist import DistInfo
 
 
 class DecodeSample:
-    """Shard member bytes -> ``(pixels (3, H, W), caption)``; None for a sample without image or caption.
+    """Shard member bytes -> ``(pixels (3, H, W) or a DeferredImage, caption)``; None for a sample without image
+    or caption.
     Corrupt images raise PIL's errors, which the shard stream counts as skipped."""
 
     def __init__(self, transform: Any) -> None:
@@ -42,13 +45,21 @@ class DecodeSample:
 
 class CollateBatch:
     """A list of decoded samples -> ``{"image": (B, 3, H, W), "input_ids": (B, T), "attention_mask": (B, T)}``,
-    plus ``"teacher_target"`` (B, D) when the samples carry cached targets."""
+    plus ``"teacher_target"`` (B, D) when the samples carry cached targets. Images whose augmentation is
+    finished on the device (:class:`~evlp.data.device_augment.DeferredImage`) come as ``"image_pixels"`` and
+    ``"image_params"`` instead of ``"image"`` (:func:`~evlp.data.device_augment.finish_images` turns them into
+    ``"image"`` on the device)."""
 
     def __init__(self, tokenizer: CaptionTokenizer) -> None:
         self.tokenizer = tokenizer
 
     def __call__(self, samples: list[tuple[Tensor, str] | tuple[Tensor, str, Tensor]]) -> dict[str, Tensor]:
-        batch = {"image": torch.stack([s[0] for s in samples]), **self.tokenizer([s[1] for s in samples])}
+        images = [s[0] for s in samples]
+        if images and isinstance(images[0], DeferredImage):
+            batch = collate_images(images)
+        else:
+            batch = {"image": torch.stack(images)}
+        batch.update(self.tokenizer([s[1] for s in samples]))
         if samples and len(samples[0]) > 2:  # cached teacher targets (see evlp.data.teacher_cache)
             batch["teacher_target"] = torch.stack([s[2] for s in samples])  # type: ignore[misc]
         return batch
@@ -58,7 +69,7 @@ class PairBatches:
     """Endless, exactly resumable batches of image-caption pairs for one rank.
 
     Args:
-        shards: the tar shards.
+        sources: the tar shards (one source), or the sources of a mix (:mod:`evlp.data.mix`).
         transform: image transform (PIL -> tensor).
         tokenizer: caption tokenizer.
         batch_size: per process.
@@ -66,39 +77,65 @@ class PairBatches:
         seed: shuffling seed.
         num_workers: DataLoader workers.
         teacher_targets: ``(shard index, sample index, key) -> target``: adds ``"teacher_target"`` to batches
-            (:class:`evlp.data.teacher_cache.TeacherTargets`).
+            (:class:`evlp.data.teacher_cache.TeacherTargets`, over :func:`evlp.data.mix.training_shards`).
+        mix: how several sources mix, ``sample`` or ``batch`` (:class:`evlp.data.mix.MixedStream`).
     """
 
-    def __init__(self, shards: Sequence[Path], *, transform: Any, tokenizer: CaptionTokenizer, batch_size: int,
-                 dist: DistInfo, seed: int, num_workers: int, teacher_targets: Any = None) -> None:
-        self.shards, self.transform, self.tokenizer = list(shards), transform, tokenizer
-        self.teacher_targets = teacher_targets
+    def __init__(self, sources: Sequence[Path] | Sequence[Source], *, transform: Any, tokenizer: CaptionTokenizer,
+                 batch_size: int, dist: DistInfo, seed: int, num_workers: int, teacher_targets: Any = None,
+                 mix: str = "sample") -> None:
+        given: list[Any] = list(sources)
+        if not given or not all(isinstance(s, Source) for s in given):  # shard paths: one source
+            given = [Source("train", tuple(Path(p) for p in given))]
+        self.sources: list[Source] = given
+        self.transform, self.tokenizer, self.teacher_targets, self.mix = transform, tokenizer, teacher_targets, mix
         self.batch_size, self.dist, self.seed, self.num_workers = batch_size, dist, seed, num_workers
-        self.tracker = StreamTracker(dist.world_size, num_workers)
+        self.tracker: StreamTracker | MixTracker = (
+            StreamTracker(dist.world_size, num_workers) if len(self.sources) == 1 else
+            MixTracker(dist.world_size, num_workers, {s.name: len(s.shards) for s in self.sources}))
 
     @property
     def skipped(self) -> int:
         """Samples skipped so far on this rank (corrupt or missing images)."""
         return self.tracker.skipped
 
+    @property
+    def samples_per_source(self) -> dict[str, int]:
+        """Samples each source of a mix gave this rank so far (empty for a single source)."""
+        return self.tracker.samples_per_source if isinstance(self.tracker, MixTracker) else {}
+
     def state_dict(self) -> dict:
         """The resume point of this rank."""
         return self.tracker.state_dict()
 
+    def _stream(self, resume: dict | None) -> ShardStream | MixedStream:
+        """The stream over the sources, its tracker set to where it starts; warns when the resume is not exact."""
+        common: dict[str, Any] = {
+            "batch_size": self.batch_size, "decode": DecodeSample(self.transform),
+            "collate": CollateBatch(self.tokenizer), "rank": self.dist.rank, "world_size": self.dist.world_size,
+            "seed": self.seed, "resume": resume, "num_workers": self.num_workers, "extra": self.teacher_targets}
+        if isinstance(self.tracker, MixTracker):
+            mixed = MixedStream(self.sources, mix=self.mix, **common)
+            if mixed.restart_reason is not None:
+                warnings.warn(mixed.restart_reason, stacklevel=3)
+            self.tracker.load_state_dict(mixed.start_state(self.num_workers))
+            return mixed
+        stream = ShardStream(self.sources[0].shards, **common)
+        if resume is not None and is_mix_state(resume):
+            warnings.warn(f"the checkpoint mixed the sources {', '.join(resume['sources'])} and this run reads one "
+                          "shard set: the data stream starts at its beginning", stacklevel=3)
+        elif resume is not None and not stream.resume_exact:
+            warnings.warn("the number of processes or data workers changed since the checkpoint; the data stream "
+                          "restarts at the beginning of the interrupted epoch", stacklevel=3)
+        if resume is not None and stream.resume_exact:
+            self.tracker.load_state_dict(resume)
+        return stream
+
     def batches(self, resume: dict | None = None) -> Iterator[dict[str, Any]]:
         """Yield batches (without the stream's position tag), continuing from ``resume`` when given."""
         workers = self.num_workers
-        stream = ShardStream(self.shards, batch_size=self.batch_size, decode=DecodeSample(self.transform),
-                             collate=CollateBatch(self.tokenizer), rank=self.dist.rank,
-                             world_size=self.dist.world_size, seed=self.seed, resume=resume, num_workers=workers,
-                             extra=self.teacher_targets)
-        if resume is not None and not stream.resume_exact:
-            warnings.warn("the number of processes or data workers changed since the checkpoint; the data "
-                          "stream restarts at the beginning of the interrupted epoch", stacklevel=2)
-        if resume is not None and stream.resume_exact:
-            self.tracker.load_state_dict(resume)
         loader = torch.utils.data.DataLoader(
-            stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+            self._stream(resume), batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
             worker_init_fn=quiet_worker, generator=loader_generator(self.seed),
         )

@@ -79,9 +79,27 @@ def quiet_worker(_: int) -> None:
             signal.signal(sig, signal.SIG_IGN)
 
 
+# the stop signals a scheduler sends (evlp.train.guard.STOP_SIGNALS), here by number
+_STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, n))
+
+
 def close_loader(iterator: object) -> None:
     """Shut a DataLoader iterator's worker processes down now, rather than whenever the iterator is collected
-    (a traceback that holds it can keep the workers alive until exit)."""
+    (a traceback that holds it can keep the workers alive until exit).
+
+    A worker that a stop signal already killed (a scheduler signalling every process of the job) is a stop
+    request for this process too: when this process handles that signal itself (a training run does), the
+    signal is raised here, after the shutdown. Looked at before the shutdown, which ends stuck workers with
+    SIGTERM itself. This covers workers killed after delivering their last batches of an epoch, whose death the
+    shutdown would otherwise reap unseen.
+    """
+    stopped = None
+    for worker in getattr(iterator, "_workers", ()):
+        code = getattr(worker, "exitcode", None)  # polls without blocking; None while alive
+        if code is not None and -code in _STOP_SIGNALS:
+            stopped = -code
     shutdown = getattr(iterator, "_shutdown_workers", None)  # what the iterator's own __del__ calls
     if callable(shutdown):
         shutdown()
+    if stopped is not None and callable(signal.getsignal(stopped)):
+        signal.raise_signal(stopped)

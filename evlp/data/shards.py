@@ -5,6 +5,10 @@ img2dataset writes a sibling ``NNNNN_stats.json`` whose ``"successes"`` counts t
 tar's headers once and read members by offset, so the epoch order is a seeded permutation of shards
 and of samples within each shard, and a stream can skip to any saved position without decoding the
 samples before it. webdataset's own pipeline streams tars front to back and cannot do that.
+Several shard sets mixed by weight are :mod:`evlp.data.mix`'s; each of them is read by a :class:`ShardStream`.
+
+Why this module is long: the index, the split over workers, the decode loop and the tracker are one resume
+design (a position means something only with all four); apart, each part would have to be read with the others.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ SKIP_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
 _MAX_EMPTY_EPOCHS = 16
 # shard indexes kept per worker; an index is only a header scan, so evicting is cheap
 _INDEX_CACHE_SIZE = 256
+# a seed word that keeps the shard order of a mix's later sources apart from any within-shard order
+_LATER_SOURCE = 0x5EED
 
 
 @dataclass(frozen=True)
@@ -147,7 +153,19 @@ def count_samples(shards: Sequence[Path]) -> int:
     return total
 
 
-def _check_state(state: dict) -> None:
+def is_mix_state(state: dict) -> bool:
+    """Whether a saved stream state is a mix's (:class:`evlp.data.mix.MixTracker`) rather than a
+    :class:`StreamTracker`'s: its positions are per source."""
+    return "sources" in state
+
+
+def skipped_total(state: dict) -> int:
+    """The samples a saved stream state (a :class:`StreamTracker`'s or a mix's) counts as skipped."""
+    return sum(sum(map(int, k.values())) if isinstance(k, dict) else int(k) for k in state["skipped"].values())
+
+
+def check_state(state: dict) -> None:
+    """Raise ConfigError when ``state`` is not a saved stream state."""
     missing = [k for k in ("world_size", "num_workers", "positions", "skipped") if k not in state]
     if missing:
         raise ConfigError(f"stream state lacks {missing} — pass what StreamTracker.state_dict() returned")
@@ -164,6 +182,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     Pass ``num_workers`` (the DataLoader's) with ``resume`` so that :attr:`resume_exact` is known
     before iterating; when left out, it assumes the saved worker count. ``extra(shard index, sample index, key)``,
     when given, is appended to every decoded item (a tuple), e.g. the sample's cached teacher target.
+    ``first_index`` numbers the shards from there in seeds and in ``extra`` when they are one source of a mix
+    (:class:`evlp.data.mix.MixedStream`), so no two sources shuffle or augment alike.
     """
 
     def __init__(
@@ -179,6 +199,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         resume: dict | None = None,
         num_workers: int | None = None,
         extra: Callable[[int, int, str], Any] | None = None,
+        first_index: int = 0,
     ) -> None:
         super().__init__()
         if not shards:
@@ -190,14 +211,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         if seed < 0:
             raise ConfigError(f"seed={seed} must be non-negative (numpy seeds the shuffles)")
         if resume is not None:
-            _check_state(resume)
+            check_state(resume)
         self.shards = [Path(p) for p in shards]
         missing = [p for p in self.shards if not p.is_file()]
         if missing:
             raise DataNotFoundError(f"shard {missing[0]} does not exist ({len(missing)} missing) — "
                                     "list existing shards with expand_shards(root, entries)")
         self.batch_size, self.decode, self.collate = batch_size, decode, collate
-        self.extra = extra
+        self.extra, self.first_index = extra, first_index
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.resume = resume
         self.resume_exact = resume is None or self._same_layout(
@@ -208,7 +229,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _same_layout(self, workers: int) -> bool:
         assert self.resume is not None
         saved = (int(self.resume["world_size"]), int(self.resume["num_workers"]))
-        return saved == (self.world_size, workers)
+        return saved == (self.world_size, workers) and not is_mix_state(self.resume)
 
     def _index(self, i: int) -> list[ShardSample]:
         if i in self._indexes:
@@ -243,9 +264,18 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.resume_exact:  # the caller was told "exact" but the real worker count differs
             warnings.warn(f"resume state is for {self.resume['num_workers']} workers, this DataLoader has "
                           f"{workers}: restarting the saved epoch", RuntimeWarning, stacklevel=2)
-        epoch = min((int(p[0]) for p in positions.values()), default=0)
-        # worker 0 carries the saved total so the tracker's count keeps growing
-        return w, epoch, 0, (sum(int(k) for k in skipped.values()) if w == 0 else 0)
+        # a mix's source epochs say nothing about this stream's; worker 0 carries the saved skipped total so
+        # the tracker's count keeps growing
+        epoch = 0 if is_mix_state(self.resume) else min((int(p[0]) for p in positions.values()), default=0)
+        return w, epoch, 0, (skipped_total(self.resume) if w == 0 else 0)
+
+    def _shuffle(self, epoch: int, i: int | None = None) -> np.ndarray:
+        """``epoch``'s order of the shards (``i`` None) or of shard ``i``'s samples."""
+        if i is not None:
+            return np.random.default_rng([self.seed, epoch, self.first_index + i]).permutation(self._length(i))
+        # a mix's first source keeps the order of the same shards read alone
+        key = [self.seed, epoch] + ([_LATER_SOURCE, self.first_index] if self.first_index else [])
+        return np.random.default_rng(key).permutation(len(self.shards))
 
     def _epoch_items(
         self, epoch: int, g: int, n_global: int, start: int
@@ -253,7 +283,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         """Yield (items consumed after this one, shard index, sample index in the shard, sample) for global
         worker ``g``'s share of ``epoch``, beginning after its first ``start`` items."""
         n = len(self.shards)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n)
+        order = self._shuffle(epoch)
         consumed = 0
         if n >= n_global:  # shard-level split
             for i in (int(x) for x in order[g::n_global]):
@@ -261,7 +291,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if consumed + length <= start:
                     consumed += length  # already consumed: skip the whole shard unread
                     continue
-                perm = np.random.default_rng([self.seed, epoch, i]).permutation(length)
+                perm = self._shuffle(epoch, i)
                 index = self._index(i)
                 for j in range(start - consumed if start > consumed else 0, length):
                     yield consumed + j + 1, i, int(perm[j]), index[int(perm[j])]
@@ -272,8 +302,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         if total < n_global:
             if total == 0:
                 raise DataNotFoundError(f"the {n} shards hold no samples — check them with index_shard()")
-            raise ConfigError(
-                f"{total} samples cannot feed {n_global} workers — use fewer DataLoader workers")
+            raise ConfigError(f"{total} samples (in {n} shards like {self.shards[0]}) cannot feed {n_global} "
+                              "workers — use fewer DataLoader workers")
         first = 0  # epoch-stream index of the shard's first sample
         for i in (int(x) for x in order):
             length = self._length(i)
@@ -282,7 +312,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             if consumed + len(local) <= start:
                 consumed += len(local)
                 continue
-            perm = np.random.default_rng([self.seed, epoch, i]).permutation(length)
+            perm = self._shuffle(epoch, i)
             index = self._index(i)
             for j in local:
                 consumed += 1
@@ -308,12 +338,10 @@ class ShardStream(torch.utils.data.IterableDataset):
             return item
         return (*item, self.extra(key[2], key[3], sample.key))
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        w, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        w, epoch, offset, skipped = self._start(w, workers)
-        g, n_global = self.rank * workers + w, self.world_size * workers
-        batch: list[Any] = []
+    def decoded(self, g: int, n_global: int, epoch: int, offset: int, skipped: int
+                 ) -> Iterator[tuple[Any, int, int, int]]:
+        """Global worker ``g``'s decoded items from ``(epoch, offset)`` on, endlessly:
+        ``(item, epoch, offset after it, skipped so far)``. Close it to close the open shard."""
         handle, open_shard = None, -1
         empty_epochs = 0
         try:
@@ -324,19 +352,12 @@ class ShardStream(torch.utils.data.IterableDataset):
                         if handle is not None:
                             handle.close()
                         handle, open_shard = open(self.shards[i], "rb"), i
-                    item = self._decode(handle, sample, (self.seed, epoch, i, k))
+                    item = self._decode(handle, sample, (self.seed, epoch, self.first_index + i, k))
                     if item is None:
                         skipped += 1
                         continue
                     decoded += 1
-                    batch.append(item)
-                    if len(batch) == self.batch_size:
-                        out = self.collate(batch)
-                        if not isinstance(out, dict):
-                            raise TypeError(f"collate must return a dict, got {type(out).__name__}")
-                        out["_pos"] = {"worker": w, "epoch": epoch, "offset": consumed, "skipped": skipped}
-                        batch = []
-                        yield out
+                    yield item, epoch, consumed, skipped
                 empty_epochs = 0 if decoded else empty_epochs + 1
                 if empty_epochs >= _MAX_EMPTY_EPOCHS:
                     raise DataNotFoundError(
@@ -346,6 +367,29 @@ class ShardStream(torch.utils.data.IterableDataset):
         finally:
             if handle is not None:
                 handle.close()
+
+    def collated(self, items: list[Any], pos: dict) -> dict[str, Any]:
+        """``collate(items)`` with the position tag ``"_pos"``."""
+        out = self.collate(items)
+        if not isinstance(out, dict):
+            raise TypeError(f"collate must return a dict, got {type(out).__name__}")
+        out["_pos"] = pos
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        w, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        w, epoch, offset, skipped = self._start(w, workers)
+        items = self.decoded(self.rank * workers + w, self.world_size * workers, epoch, offset, skipped)
+        batch: list[Any] = []
+        try:
+            for item, epoch, offset, skipped in items:
+                batch.append(item)
+                if len(batch) == self.batch_size:
+                    yield self.collated(batch, {"worker": w, "epoch": epoch, "offset": offset, "skipped": skipped})
+                    batch = []
+        finally:
+            items.close()
 
 
 class StreamTracker:
@@ -382,14 +426,15 @@ class StreamTracker:
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved state; from another layout only the skipped total carries over
         (mirroring what :class:`ShardStream` does with it)."""
-        _check_state(state)
-        if int(state["world_size"]) == self.world_size and int(state["num_workers"]) == self.num_workers:
+        check_state(state)
+        same = (int(state["world_size"]), int(state["num_workers"])) == (self.world_size, self.num_workers)
+        if same and not is_mix_state(state):
             self.positions = {str(w): [int(p[0]), int(p[1])] for w, p in state["positions"].items()}
             self._skipped = {str(w): int(k) for w, k in state["skipped"].items()}
             self._next = int(state.get("next_worker", 0)) % self.num_workers
         else:
             self.positions = {}
-            self._skipped = {"0": sum(int(k) for k in state["skipped"].values())}
+            self._skipped = {"0": skipped_total(state)}
             self._next = 0
 
     @property

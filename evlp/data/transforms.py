@@ -11,6 +11,7 @@ draft (so are resumes, see evlp.data.seeding); only the pixels differ slightly, 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from PIL import Image
 
@@ -39,7 +40,7 @@ def draft_scale(crop: tuple[int, int], out: tuple[int, int]) -> int:
     return 1
 
 
-def _undecoded_jpeg(img: Image.Image) -> bool:
+def undecoded_jpeg(img: Image.Image) -> bool:
     """True for an RGB JPEG whose pixels have not been decoded yet (draft is still possible)."""
     return (img.format == "JPEG" and img.mode == "RGB" and len(getattr(img, "tile", ())) == 1
             and not getattr(img, "decoderconfig", ()))
@@ -64,7 +65,7 @@ class RandomResizedCropAndInterpolation:
 
     def __call__(self, img: Image.Image) -> Image.Image:
         crop = self.timm
-        if not _undecoded_jpeg(img) or isinstance(crop.interpolation, (tuple, list)):
+        if not undecoded_jpeg(img) or isinstance(crop.interpolation, (tuple, list)):
             return crop(img)
         from torchvision.transforms import functional as F
 
@@ -114,6 +115,28 @@ def train_transform(
     return T.Compose(steps)
 
 
+def augments_on_device(augment_on: str) -> bool:
+    """Whether ``augment_on`` (``auto|device|workers``) puts the batched augmentation on the training device:
+    ``auto`` does on CUDA; on a CPU the "device" is the same cores as the workers, and there PIL's per-image
+    resize is cheaper than the batched matrices."""
+    if augment_on == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return augment_on == "device"
+
+
+def train_augment(img_size: int, *, augment_on: str, **options: Any) -> Callable[[Image.Image], "object"]:
+    """The train transform with :func:`train_transform`'s ``options``: split between the workers and the
+    device (:class:`evlp.data.device_augment.TrainAugment`) when ``augment_on`` says so
+    (:func:`augments_on_device`), else all of it in the worker."""
+    if augments_on_device(augment_on):
+        from evlp.data.device_augment import TrainAugment
+
+        return TrainAugment(img_size, **options)
+    return train_transform(img_size, **options)
+
+
 def eval_transform(
     img_size: int, *, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> Callable[[Image.Image], "object"]:
@@ -129,8 +152,8 @@ def eval_transform(
 
 def pretrain_transforms(data: DataConfig, img_size: int) -> tuple[Callable, Callable]:
     """``(train, eval)`` transforms of a pretraining config."""
-    train = train_transform(img_size, crop_scale=data.crop_scale, hflip=data.hflip,
-                            color_jitter=data.color_jitter, mean=data.mean, std=data.std)
+    train = train_augment(img_size, augment_on=data.augment_on, crop_scale=data.crop_scale, hflip=data.hflip,
+                          color_jitter=data.color_jitter, mean=data.mean, std=data.std)
     return train, eval_transform(img_size, mean=data.mean, std=data.std)
 
 
@@ -143,17 +166,18 @@ def open_rgb(fp) -> Image.Image:
         PIL's errors for unreadable headers here, and for corrupt JPEG data when the pixels are decoded.
     """
     img = Image.open(fp)
-    if _undecoded_jpeg(img):
+    if undecoded_jpeg(img):
         return img
-    return _as_rgb(img)
+    return as_rgb(img)
 
 
 def load_rgb(fp) -> Image.Image:
     """Open an image file or file object as RGB (palette/alpha images are composited on white)."""
-    return _as_rgb(Image.open(fp))
+    return as_rgb(Image.open(fp))
 
 
-def _as_rgb(img: Image.Image) -> Image.Image:
+def as_rgb(img: Image.Image) -> Image.Image:
+    """``img`` decoded and in RGB (palette/alpha images composited on white)."""
     img.load()
     if img.mode == "RGB":
         return img

@@ -23,9 +23,10 @@ from evlp.checkpoint import TEXT_CONFIG, TOKENIZER, eval_path, load_weights_into
 from evlp.config.schema import TextTowerConfig
 from evlp.data.glue_data import GlueCollator, load_glue_split
 from evlp.data.layouts import GLUE_TASKS
-from evlp.dist import DistInfo, gather_objects, shard_range
+from evlp.dist import DistInfo
 from evlp.eval.glue_metrics import glue_metrics
 from evlp.eval.results import GlueResult, checkpoint_config_hash, training_protocol
+from evlp.eval.sharded import map_shares
 from evlp.models.heads import GlueClassifier
 
 
@@ -34,30 +35,36 @@ def predict(module: nn.Module, rows: list[dict[str, Any]], collate: GlueCollator
             dist: DistInfo | None = None) -> np.ndarray:
     """Predictions for every example of ``rows`` in order: class indices, or scores for regression.
 
-    Each rank predicts its :func:`~evlp.dist.shard_range`; the shares are gathered, so every rank returns all N.
+    Each rank predicts its share (:mod:`evlp.eval.sharded`, no padding); the shares are gathered, so every rank
+    returns all N, each example once.
 
     Args:
         module: a :class:`~evlp.models.heads.GlueClassifier` (or anything with its ``forward``).
         rows: examples as :func:`~evlp.data.glue_data.load_glue_split` returns them.
         collate: turns examples into a batch.
         batch_size: examples per forward pass.
-        dist: this process's rank and the world size (default: a single process).
+        dist: this process's rank and the world size (default: a single process); all ranks must call it.
 
     Returns:
         (N,) int64 class indices (argmax, the first of equal maxima) or float scores for regression.
     """
     dist = dist or DistInfo()
     device = next(module.parameters()).device
-    mine = shard_range(len(rows), dist.rank, dist.world_size)
-    out: list[np.ndarray] = []
-    for start in range(mine.start, mine.stop, batch_size):
-        batch = collate([rows[i] for i in range(start, min(start + batch_size, mine.stop))])
-        logits = module(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                        batch["token_type_ids"].to(device) if "token_type_ids" in batch else None).float()  # (B, C)
-        pred = logits[:, 0] if collate.regression else logits.argmax(dim=-1)  # (B,)
-        out.append(pred.cpu().numpy())
-    local = np.concatenate(out) if out else np.zeros(0, dtype=np.float32 if collate.regression else np.int64)
-    return np.concatenate(gather_objects(local, dist.world_size))
+
+    def predictions(share: list[dict[str, Any]]) -> torch.Tensor:  # (k,)
+        out = []
+        for start in range(0, len(share), batch_size):
+            batch = collate(share[start:start + batch_size])
+            logits = module(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                            batch["token_type_ids"].to(device) if "token_type_ids" in batch else None
+                            ).float()  # (B, C)
+            out.append((logits[:, 0] if collate.regression else logits.argmax(dim=-1)).cpu())  # (B,)
+        return torch.cat(out)
+
+    pred = map_shares(predictions, rows, dist).numpy()  # (N,)
+    if len(rows) == 0:  # nothing was predicted: give the empty array the dtype of the task's predictions
+        pred = pred.astype(np.float32 if collate.regression else np.int64)
+    return pred
 
 
 def split_metrics(per_split: dict[str, dict[str, float]]) -> dict[str, float]:

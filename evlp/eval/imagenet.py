@@ -23,10 +23,11 @@ from evlp.checkpoint import CONFIG, load_weights_into, read_task_checkpoint
 from evlp.config.loader import from_dict
 from evlp.config.schema import ModelConfig
 from evlp.data.imagefolder import classification_eval_transform, collate_images, image_folder
-from evlp.dist import DistInfo, gather_objects, shard_range
+from evlp.dist import DistInfo
 from evlp.errors import CheckpointError
 from evlp.eval.results import ClassificationResult, checkpoint_config_hash, training_protocol
-from evlp.eval.topk import topk_correct
+from evlp.eval.sharded import map_shares
+from evlp.eval.topk import topk_ranks
 from evlp.models.heads import ImageClassifier
 
 TASK = "imagenet"
@@ -38,15 +39,15 @@ def topk_accuracy(module: nn.Module, dataset: Any, *, batch_size: int, num_worke
                   dist: DistInfo | None = None) -> dict[str, float]:
     """Top-1 and top-5 accuracy (percent) over every item of ``dataset``, each scored exactly once.
 
-    Each rank scores its :func:`~evlp.dist.shard_range`; the counts are gathered, so every rank returns the
-    metrics of the whole set. With fewer than 5 classes, top-5 is top-C (100). The module is put in eval mode
-    and restored afterwards.
+    Each rank scores its share (:mod:`evlp.eval.sharded`, no padding); the rank of every item's true class is
+    gathered, so every rank returns the metrics of the whole set. With fewer than 5 classes, top-5 is top-C (100).
+    The module is put in eval mode and restored afterwards.
 
     Args:
         module: pixels (B, 3, H, W) -> logits (B, C).
         dataset: ``(image (3, H, W), label)`` items.
         batch_size, num_workers: of the DataLoader.
-        dist: this process's rank and the world size (default: a single process).
+        dist: this process's rank and the world size (default: a single process); all ranks must call it.
 
     Returns:
         ``{"top1": ..., "top5": ...}``; both 0 for an empty dataset.
@@ -54,22 +55,23 @@ def topk_accuracy(module: nn.Module, dataset: Any, *, batch_size: int, num_worke
     dist = dist or DistInfo()
     device = next(module.parameters()).device
     was_training = module.training
+
+    def true_class_ranks(indices: range) -> torch.Tensor:  # (k,) rank of each item's label in its logits row
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
+                                             shuffle=False, num_workers=num_workers, collate_fn=collate_images,
+                                             pin_memory=torch.cuda.is_available())
+        ranks = []
+        for batch in loader:
+            logits = module(batch["pixels"].to(device, non_blocking=True)).float()  # (B, C)
+            ranks.append(topk_ranks(logits, batch["labels"].to(device)).cpu())  # (B,)
+        return torch.cat(ranks)
+
     module.eval()
-    mine = torch.utils.data.Subset(dataset, list(shard_range(len(dataset), dist.rank, dist.world_size)))
-    loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         collate_fn=collate_images, pin_memory=torch.cuda.is_available())
-    n = top1 = top5 = 0
-    for batch in loader:
-        logits = module(batch["pixels"].to(device, non_blocking=True)).float()  # (B, C)
-        labels = batch["labels"].to(device)  # (B,)
-        hits = topk_correct(logits, labels, (1, 5))
-        top1, top5, n = top1 + hits[1], top5 + hits[5], n + labels.numel()
+    ranks = map_shares(true_class_ranks, range(len(dataset)), dist)  # (N,) every item once
     module.train(was_training)
-    counts = gather_objects((n, top1, top5), dist.world_size)
-    n, top1, top5 = (sum(c[i] for c in counts) for i in range(3))
-    if n == 0:
+    if ranks.numel() == 0:
         return {"top1": 0.0, "top5": 0.0}
-    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
+    return {f"top{k}": 100.0 * int((ranks <= k).sum()) / ranks.numel() for k in (1, 5)}
 
 
 @dataclass

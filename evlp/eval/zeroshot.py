@@ -19,11 +19,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evlp.errors import ConfigError, DataNotFoundError
 from evlp.data.layouts import IMAGE_SUFFIXES, IMAGENET_CLASSNAMES_ASSET, imagenet_classnames, imagenet_wnids
 from evlp.eval.results import ClassificationResult, EvalResult, checkpoint_config_hash
+
+if TYPE_CHECKING:
+    from evlp.dist import DistInfo
 
 """Files counted as images inside class folders (case-insensitive), as torchvision's ImageFolder."""
 
@@ -276,12 +279,19 @@ def resolve_templates(templates: str | None = None) -> tuple[list[str], str]:
 # ------------------------------------------------------------------------------------------ the runner
 
 
-def evaluate_zeroshot(cfg: ZeroShotConfig, encoder: Any = None) -> EvalResult:
+def evaluate_zeroshot(cfg: ZeroShotConfig, encoder: Any = None, *, dist: DistInfo | None = None) -> EvalResult:
     """Zero-shot classification of an ImageFolder split: top-1 and top-5 accuracy in percent.
+
+    Under a launcher (``accelerate launch``, ``torchrun``) every rank builds the prototypes of its share of the
+    classes and embeds its share of the images; rank 0 scores the gathered embeddings and writes the JSON, and
+    every rank returns the same result: exactly the single-process numbers (each image counted once).
 
     Args:
         cfg: what to evaluate and where to write it.
-        encoder: an already loaded :class:`evlp.api.Encoder` (else loaded from ``cfg.ckpt``).
+        encoder: an already loaded :class:`evlp.api.Encoder` (else loaded from ``cfg.ckpt``; under a launcher on
+            each rank's own GPU unless ``cfg.device`` says otherwise).
+        dist: the ranks that share the work; default: the launcher's (:func:`evlp.eval.sharded.launcher_ranks`),
+            one process without one. Pass ``DistInfo()`` when only this process calls it.
 
     Raises:
         DataNotFoundError: the data folder or its images are missing.
@@ -291,29 +301,35 @@ def evaluate_zeroshot(cfg: ZeroShotConfig, encoder: Any = None) -> EvalResult:
     from evlp.api import load
     from evlp.checkpoint import find_checkpoint
     from evlp.eval.runner import default_result_path, embed_images
+    from evlp.eval.sharded import from_main, launcher_device, launcher_ranks, map_shares
 
     t0 = time.perf_counter()
+    dist = dist or launcher_ranks()
     # every input is checked before the model loads, so mistakes fail fast
     index = scan_image_folder(cfg.data, cfg.split)
     classnames, classes_source = resolve_classnames(index.folders, cfg.classes)
     templates, templates_source = resolve_templates(cfg.templates)
     ckpt = find_checkpoint(cfg.ckpt)
-    encoder = encoder or load(cfg.ckpt, device=cfg.device)
+    encoder = encoder or load(cfg.ckpt, device=cfg.device or launcher_device(dist))
 
-    weights = zeroshot_classifier(encoder, classnames, templates, batch_size=max(cfg.batch_size, 256))  # (C, D)
-    images = embed_images(encoder, index.paths, cfg.batch_size, cfg.num_workers)  # (N, D)
-    logits = _LOGIT_SCALE * images @ weights.T  # (N, C)
-    metrics = {k: round(v, 4) for k, v in zeroshot_metrics(logits, index.labels, (1, 5)).items()}
-
-    result = ClassificationResult(
-        task="zeroshot", dataset=index.dataset, split=index.split, checkpoint=str(ckpt), metrics=metrics,
-        details={"n_images": len(index.paths), "n_classes": len(classnames), "n_templates": len(templates)},
-        seconds=time.perf_counter() - t0, config_hash=checkpoint_config_hash(ckpt),
-        protocol={"data": str(index.root), "classes": classes_source, "templates": templates_source,
-                  "image_size": encoder.config.image.img_size, "resize": "squash, bicubic",
-                  "text_max_length": encoder.config.text.max_length, "embedding": "shared-block CLS (x)",
-                  "prototype": "mean of L2-normalised prompt embeddings, re-normalised",
-                  "logit_scale": _LOGIT_SCALE, "ties": "lower class index ranks first"},
-    )
-    result.write(Path(cfg.out) if cfg.out else default_result_path(ckpt, "zeroshot", index.dataset, index.split))
-    return result
+    # each class's prototype depends on its own prompts only, so classes split over ranks like images do
+    weights = map_shares(lambda names: zeroshot_classifier(encoder, names, templates, max(cfg.batch_size, 256)),
+                         classnames, dist)  # (C, D)
+    images = map_shares(lambda paths: embed_images(encoder, paths, cfg.batch_size, cfg.num_workers),
+                        index.paths, dist)  # (N, D)
+    result = None
+    if dist.is_main:
+        logits = _LOGIT_SCALE * images @ weights.T  # (N, C)
+        metrics = {k: round(v, 4) for k, v in zeroshot_metrics(logits, index.labels, (1, 5)).items()}
+        result = ClassificationResult(
+            task="zeroshot", dataset=index.dataset, split=index.split, checkpoint=str(ckpt), metrics=metrics,
+            details={"n_images": len(index.paths), "n_classes": len(classnames), "n_templates": len(templates)},
+            seconds=time.perf_counter() - t0, config_hash=checkpoint_config_hash(ckpt),
+            protocol={"data": str(index.root), "classes": classes_source, "templates": templates_source,
+                      "image_size": encoder.config.image.img_size, "resize": "squash, bicubic",
+                      "text_max_length": encoder.config.text.max_length, "embedding": "shared-block CLS (x)",
+                      "prototype": "mean of L2-normalised prompt embeddings, re-normalised",
+                      "logit_scale": _LOGIT_SCALE, "ties": "lower class index ranks first"},
+        )
+        result.write(Path(cfg.out) if cfg.out else default_result_path(ckpt, "zeroshot", index.dataset, index.split))
+    return from_main(result, dist)

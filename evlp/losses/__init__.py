@@ -1,4 +1,5 @@
-"""Pretraining losses: CLIP ITC, contrastive KD with a memory bank, and their weighted sum.
+"""Pretraining losses: CLIP ITC (softmax or SigLIP's sigmoid), contrastive KD with a memory bank, and their
+weighted sum.
 
 Every loss takes ``rank`` and ``world_size`` explicitly (read them once with
 :func:`evlp.dist.dist_info`); cross-rank gathers live in :mod:`evlp.dist`.
@@ -13,13 +14,16 @@ from torch import Tensor
 
 from evlp.losses.clip import ClipLossOutput, clip_loss
 from evlp.losses.kd import KDLossOutput, MemoryBank, kd_loss, update_bank
+from evlp.losses.siglip import SigmoidLossOutput, sigmoid_loss
 
 __all__ = [
     "ClipLossOutput",
     "KDLossOutput",
     "MemoryBank",
+    "SigmoidLossOutput",
     "clip_loss",
     "kd_loss",
+    "sigmoid_loss",
     "total_loss",
     "update_bank",
 ]

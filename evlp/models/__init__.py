@@ -16,7 +16,7 @@ from evlp.config.schema import ModelConfig
 from evlp.errors import CheckpointError, UnknownNameError
 from evlp.models.image import build_image_tower, create_timm_model
 from evlp.models.s_smke import SSMKE
-from evlp.models.teacher import FrozenTeacher, build_teacher
+from evlp.models.teacher import CLIP_TEACHER, IMAGENET_MEAN, IMAGENET_STD, FrozenTeacher, build_teacher
 from evlp.models.text import build_text_tower, sync_text_sizes
 from evlp.registry import did_you_mean
 
@@ -82,8 +82,15 @@ def build_model(cfg: ModelConfig, *, pretrained: bool = False, models_dir: str |
     return SSMKE(cfg, text, image)
 
 
-def build_teacher_of(cfg: ModelConfig, *, pretrained: bool = False, models_dir: str | Path = "models") -> FrozenTeacher:
-    """The frozen teacher of ``cfg`` (with its checkpoint when ``pretrained``)."""
+def build_teacher_of(cfg: ModelConfig, *, pretrained: bool = False, models_dir: str | Path = "models",
+                     input_mean: tuple[float, ...] = IMAGENET_MEAN,
+                     input_std: tuple[float, ...] = IMAGENET_STD) -> FrozenTeacher:
+    """The frozen teacher of ``cfg`` (with its checkpoint when ``pretrained``); a CLIP teacher converts images
+    normalised with ``input_mean``/``input_std`` (``data.mean``/``data.std``) to its own input."""
+    if cfg.teacher.name == CLIP_TEACHER:
+        from evlp.models.teacher import build_clip_teacher
+
+        return build_clip_teacher(cfg.teacher, pretrained=pretrained, input_mean=input_mean, input_std=input_std)
     weights, hub = resolve_weights(cfg.teacher.checkpoint, models_dir, "model.teacher") if pretrained \
         else (None, False)
     return build_teacher(cfg.teacher, weights=weights, hub=hub)
@@ -143,7 +150,13 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     with torch.device("meta"):
         if image.name != "data2vec2":
             image = dataclasses.replace(image, width=int(create_timm_model(image.name, image.img_size).num_features))
-        if teacher.enabled and teacher.name != "beitv2":
+        if teacher.enabled and teacher.name == CLIP_TEACHER:  # its weights are name_or_path's, not a checkpoint
+            from evlp.models.teacher import clip_vision_config
+
+            vision = clip_vision_config(str(teacher.name_or_path))
+            teacher = dataclasses.replace(teacher, width=int(vision.projection_dim), img_size=int(vision.image_size),
+                                          checkpoint=None)
+        elif teacher.enabled and teacher.name != "beitv2":
             teacher = dataclasses.replace(
                 teacher, width=int(create_timm_model(teacher.name, teacher.img_size).num_features))
     return dataclasses.replace(cfg, text=text, image=image, teacher=teacher)

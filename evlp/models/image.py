@@ -15,6 +15,7 @@ from timm.layers import PatchEmbed
 from torch import Tensor, nn
 
 from evlp.config.schema import ImageTowerConfig
+from evlp.errors import ConfigError
 from evlp.models.blocks import LN_EPS, PostLNBlock, run_blocks
 
 

@@ -81,7 +81,8 @@ def cache_teacher(cfg: PretrainConfig, *, batch_size: int = 64, device: str | No
     """
     from safetensors.torch import save
 
-    from evlp.data.shards import expand_shards, index_shard
+    from evlp.data.mix import training_shards
+    from evlp.data.shards import index_shard
     from evlp.data.teacher_cache import cache_path, read_cache
     from evlp.data.transforms import eval_transform
     from evlp.io import write_atomic
@@ -92,11 +93,12 @@ def cache_teacher(cfg: PretrainConfig, *, batch_size: int = 64, device: str | No
     cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model))
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    shards = expand_shards(cfg.data.root, cfg.data.train)[rank::world_size]
+    shards = training_shards(cfg.data)[rank::world_size]  # data.sources too
     tag = cache_tag(cfg)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.train.seed)  # a random-init teacher (checkpoint null, tests) is the same every time
-    teacher = build_teacher_of(cfg.model, pretrained=True, models_dir=cfg.paths.models).to(dev).eval()
+    teacher = build_teacher_of(cfg.model, pretrained=True, models_dir=cfg.paths.models, input_mean=cfg.data.mean,
+                               input_std=cfg.data.std).to(dev).eval()
     size = cfg.model.image.img_size
     transform = eval_transform(size, mean=cfg.data.mean, std=cfg.data.std)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda"

@@ -10,27 +10,35 @@ records once any resume has loaded), score the final checkpoint on the main proc
 
 The decisions every command shares live here or below it, once: which checkpoint is scored
 (:func:`final_checkpoint`), where results go (:func:`evlp.checkpoint.eval_path`), which checkpoint a resume
-continues from (:func:`evlp.train.runs.check_run_dir`).
+continues from (:func:`evlp.train.runs.check_run_dir`), how ``train.global_batch_size`` splits over the launch
+(:mod:`evlp.train.batching`), and the experiment tracker (:mod:`evlp.train.tracking`), which lives from the first
+step to the final scores.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from evlp.checkpoint import CONFIG, write_json
 from evlp.config.loader import dump_yaml, to_dict
+from evlp.config.schema import TrainConfig
 from evlp.dist import is_main_process
 from evlp.eval.results import EvalResult
+from evlp.train.batching import launched_world_size, per_process_train
 from evlp.train.loop import RunResult, fit
 from evlp.train.runs import RunStart, open_run
 from evlp.train.task import Progress, Task
+from evlp.train.tracking import Tracking, result_scalars
 
 __all__ = ["TrainingResult", "checkpoint_config", "final_checkpoint", "train", "write_summary"]
 
 SUMMARY = "summary.json"
+BATCH_FIXED = ("train.global_batch_size",)
+"""What no resume may change besides :data:`evlp.train.runs.ALWAYS_FIXED` (batch size, accumulation, seed)."""
 
 
 @dataclass
@@ -83,10 +91,22 @@ def write_summary(result: TrainingResult) -> None:
         "best_checkpoint": str(run.best_checkpoint) if run.best_checkpoint else None,
         "checkpoint": str(run.checkpoint) if run.checkpoint else None, "validations": run.validations,
         "skipped_samples": run.skipped_samples, "resumed_from": run.resumed_from, "notes": run.notes,
+        "batch": run.batch,
         "eval": result.eval.to_json() if result.eval is not None else None,
         "results": [{"task": r.task, "dataset": r.dataset, "split": r.split, "metrics": r.metrics, "path": r.path}
                     for r in result.results],
     })
+
+
+@contextmanager
+def _launch_batch(cfg: Any, train: TrainConfig) -> Iterator[None]:
+    """``cfg.train`` is ``train`` (this launch's micro-batch and accumulation) while the run lasts, since the tasks
+    read their batch size from ``cfg.train``; the caller's config is given back unchanged."""
+    given, cfg.train = cfg.train, train
+    try:
+        yield
+    finally:
+        cfg.train = given
 
 
 def train(cfg: Any, make_task: Callable[[RunStart], Task], *, resume: bool = False, stop_after: int | None = None,
@@ -105,18 +125,27 @@ def train(cfg: Any, make_task: Callable[[RunStart], Task], *, resume: bool = Fal
         score: final checkpoint -> its written results; called once, on the main process, for a finished run.
 
     Raises:
-        ConfigError: the folder conflicts with ``resume``, is in use, or a fixed setting changed.
+        ConfigError: the folder conflicts with ``resume``, is in use, or a fixed setting changed;
+            ``train.global_batch_size`` does not split over the launch; the tracker's package is missing.
         TrainingDivergedError, RunInterrupted, CheckpointError: see :func:`evlp.train.loop.fit`.
     """
-    with open_run(cfg, resume=resume, fixed=fixed) as start:
-        task = make_task(start)
-        run = fit(task, cfg.optim, cfg.train, cfg.out, resume_from=start.resume_from, stop_after=stop_after,
-                  files={CONFIG: task.checkpoint_config() or start.config_text}, records=start.records,
-                  progress=progress)
-        result = TrainingResult(run=run)
-        if is_main_process():
-            ckpt = final_checkpoint(run)
-            if ckpt is not None and score is not None:
-                result.results = score(ckpt)
-            write_summary(result)
-        return result
+    launch_train = per_process_train(cfg.train, launched_world_size())  # refused here, before the folder is used
+    tracking = Tracking.from_config(cfg)
+    try:
+        with open_run(cfg, resume=resume, fixed=(*BATCH_FIXED, *fixed)) as start, _launch_batch(cfg, launch_train):
+            task = make_task(start)
+            run = fit(task, cfg.optim, cfg.train, cfg.out, resume_from=start.resume_from, stop_after=stop_after,
+                      files={CONFIG: task.checkpoint_config() or start.config_text}, records=start.records,
+                      progress=progress, tracking=tracking)
+            result = TrainingResult(run=run)
+            if is_main_process():
+                ckpt = final_checkpoint(run)
+                if ckpt is not None and score is not None:
+                    result.results = score(ckpt)
+                    if tracking is not None:
+                        tracking.log(result_scalars(result.results), run.steps)
+                write_summary(result)
+            return result
+    finally:
+        if tracking is not None:
+            tracking.finish()

@@ -1,4 +1,9 @@
-"""The one training loop: accelerate for devices, DDP and precision; any :class:`~evlp.train.task.Task`."""
+"""The one training loop: accelerate for devices, DDP and precision; any :class:`~evlp.train.task.Task`.
+
+Why this module is long: the loop's named steps (setup, resume, one optimisation step, logging, validation,
+checkpointing, stopping) share one run state (``_Run``) and read best together; what they delegate already lives
+beside it (batch split, state on disk, guards, tracking, optimizer).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from evlp.config.schema import OptimConfig, TrainConfig
 from evlp.dist import DistInfo
 from evlp.errors import ConfigError
 from evlp.models import place_module
+from evlp.train.batching import batch_plan, launched_world_size, per_process_train
 from evlp.train.guard import (
     STOP_SIGNALS,
     Control,
@@ -29,7 +35,9 @@ from evlp.train.guard import (
 )
 from evlp.train.optim import build_optimizer, build_scheduler, peak_lr, warmup_steps
 from evlp.train.state import Checkpointer, changes, schedule_record, set_schedule_position, trim_metrics
+from evlp.train.strategy import build_accelerator, full_weights, prepare, sharding_note
 from evlp.train.task import Progress, Task
+from evlp.train.tracking import Tracking
 
 __all__ = ["RunInterrupted", "RunResult", "TrainingDivergedError", "fit", "resolve_precision"]
 
@@ -61,6 +69,8 @@ class RunResult:
     """An :class:`~evlp.eval.results.EvalResult` when the run evaluated itself."""
     notes: list[str] = field(default_factory=list)
     """What the run reported besides figures (e.g. the settings a resume changed and how they apply)."""
+    batch: dict[str, int] = field(default_factory=dict)
+    """The batch split of this launch: world_size, micro_batch, grad_accum, global_batch."""
 
 
 def resolve_precision(precision: str) -> str:
@@ -93,6 +103,7 @@ def fit(
     files: dict[str, str] | None = None,
     records: dict[str, str] | None = None,
     progress: Progress | None = None,
+    tracking: Tracking | None = None,
 ) -> RunResult:
     """Train ``task`` and write checkpoints and ``metrics.jsonl`` into ``run_dir``.
 
@@ -109,34 +120,31 @@ def fit(
         records: text files written into ``run_dir`` once setup and any resume succeeded (``config.yaml``,
             ``env.json``), so a failed resume leaves the folder as it was.
         progress: receives progress on the main process.
+        tracking: the experiment tracker to start (main process) and log every record into; the caller
+            finishes it.
 
     Raises:
+        ConfigError: ``train.global_batch_size`` does not split over this launch's processes.
         TrainingDivergedError: the loss or the weights became NaN/inf (no checkpoint of them is written).
         RunInterrupted: SIGTERM/SIGINT/SIGUSR1 ended the run after a checkpoint.
         CheckpointError: a checkpoint could not be written (full disk) or loaded.
     """
-    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import set_seed
 
     run_dir = Path(run_dir)
     precision = resolve_precision(train.precision)
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # lets accelerate set up multi-process CPU (gloo) runs
-        mixed_precision=precision,
-        gradient_accumulation_steps=train.grad_accum,
-        kwargs_handlers=[DistributedDataParallelKwargs(
-            find_unused_parameters=task.find_unused_parameters, gradient_as_bucket_view=True)],
-    )
+    launched = launched_world_size()
+    train = per_process_train(train, launched)  # the micro-batch and accumulation of this launch
+    accelerator = build_accelerator(train, precision, find_unused_parameters=task.find_unused_parameters)
     dist = DistInfo(rank=accelerator.process_index, world_size=accelerator.num_processes,
                     local_rank=accelerator.local_process_index)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != dist.world_size:
         raise ConfigError(f"the launcher started {launched} processes but accelerate set up {dist.world_size}; "
                           "check `accelerate config` / the launch flags (--multi_gpu, --num_processes)")
     control = Control(dist.world_size)
     try:
         with StopSignals() as signals:
-            return _Run(task, optim, train, run_dir, accelerator, dist, control, signals, progress).run(
+            return _Run(task, optim, train, run_dir, accelerator, dist, control, signals, progress, tracking).run(
                 resume_from, stop_after, files or {}, records or {}, set_seed)
     finally:
         control.close()
@@ -152,8 +160,10 @@ class _Run:
     validation, checkpointing, stopping."""
 
     def __init__(self, task: Task, optim: OptimConfig, train: TrainConfig, run_dir: Path, accelerator: Any,
-                 dist: DistInfo, control: Control, signals: StopSignals, progress: Progress | None) -> None:
+                 dist: DistInfo, control: Control, signals: StopSignals, progress: Progress | None,
+                 tracking: Tracking | None = None) -> None:
         self.task, self.optim, self.train, self.run_dir = task, optim, train, run_dir
+        self.tracking = tracking if accelerator.is_main_process else None
         self.acc, self.dist, self.control, self.signals = accelerator, dist, control, signals
         self.progress = progress if accelerator.is_main_process else None
         self.step = self.samples = 0
@@ -170,7 +180,9 @@ class _Run:
         set_seed(train.seed)  # identical initialisation on every rank (teacher included)
         module = task.build_module()
         task.to(self.acc.device)
-        self.global_batch = train.batch_size * dist.world_size * train.grad_accum
+        self.plan = batch_plan(train, dist.world_size)  # train holds this launch's micro-batch and accumulation
+        self.global_batch = self.plan.global_batch
+        self.notes += [self.plan.describe()] if self.plan.derived else []
         self.steps_per_epoch = max(1, task.samples_per_epoch() // self.global_batch)
         self.total = train.max_steps or train.epochs * self.steps_per_epoch
         self.lr = peak_lr(optim, self.global_batch)
@@ -180,7 +192,8 @@ class _Run:
                                     device=self.acc.device)
         self.scheduler = build_scheduler(optimizer, optim, self.total)
         self.fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        self.module, self.optimizer = self.acc.prepare(module, optimizer)
+        self.module, self.optimizer = prepare(self.acc, module, optimizer)  # DDP or FSDP (train.strategy)
+        self.notes += sharding_note(self.acc, train, self.module)
         self.ckpt = Checkpointer(self.acc, task, self.run_dir, self.control, self.scheduler,
                                  train.keep_checkpoints, self.files)
         self.nonfinite = NonFinite(self.acc.device)
@@ -188,7 +201,8 @@ class _Run:
         self.maximize = task.monitor_mode == "max"
         self.validates = task.monitor is not None
         self.eval_every = train.eval_every or self.steps_per_epoch
-        self.settings = schedule_record(optim, train, self.total, self.lr)  # saved with, and compared to, checkpoints
+        # saved with, and compared to, checkpoints
+        self.settings = {**schedule_record(optim, train, self.total, self.lr), "batch": self.plan.as_record()}
 
     def _resume(self, ckpt: Path) -> dict | None:
         state = self.ckpt.load(ckpt)
@@ -261,6 +275,7 @@ class _Run:
             if self.signals.requested and self.dist.world_size == 1:
                 raise _DataStopped from None
             raise
+        batch = self.task.on_device(batch)
         with acc.accumulate(module):
             with acc.autocast():
                 loss, metrics = self.task.training_step(module, batch, self.dist)
@@ -283,6 +298,12 @@ class _Run:
         self.window_samples += self.global_batch
         return True
 
+    def _record(self, record: dict[str, Any]) -> None:
+        """A line of ``metrics.jsonl`` and the same figures to the tracker, at the record's step (main process)."""
+        append_jsonl(self.run_dir / METRICS, record)
+        if self.tracking is not None:
+            self.tracking.log(record, record["step"])
+
     def _log(self) -> None:
         self._check_finite(weights=False)
         names = sorted(self.window)
@@ -294,15 +315,15 @@ class _Run:
         self.window.clear()
         self.t_window, self.window_samples = now, 0
         if self.acc.is_main_process:
-            append_jsonl(self.run_dir / METRICS, {"step": self.step, "epoch": self.step / self.steps_per_epoch,
-                                                  "samples": self.samples, **self.last_metrics,
-                                                  "time": self.elapsed + now - self.t0})
+            self._record({"step": self.step, "epoch": self.step / self.steps_per_epoch, "samples": self.samples,
+                          **self.last_metrics, "time": self.elapsed + now - self.t0})
             if self.progress is not None:
                 self.progress.update(self.step, self.last_metrics)
 
     def _validate(self) -> None:
         self.module.eval()
-        val = {k: float(v) for k, v in self.task.evaluate(self.acc.unwrap_model(self.module), self.dist).items()}
+        with full_weights(self.acc, self.module):  # FSDP: gathered once for the whole evaluation
+            val = {k: float(v) for k, v in self.task.evaluate(self.acc.unwrap_model(self.module), self.dist).items()}
         self.module.train()
         self.validations.append({"step": self.step, **val})
         improved = self.monitor is not None and self.monitor in val and (
@@ -310,7 +331,7 @@ class _Run:
         if improved:
             self.best = val[self.monitor]
         if self.acc.is_main_process:
-            append_jsonl(self.run_dir / METRICS, {"step": self.step, **{f"val/{k}": v for k, v in val.items()}})
+            self._record({"step": self.step, **{f"val/{k}": v for k, v in val.items()}})
             if self.progress is not None:
                 shown = " · ".join(f"{k} {v:.4g}" for k, v in val.items())
                 self.progress.message(f"step {self.step} validation: {shown}" + (" (best)" if improved else ""))
@@ -341,6 +362,8 @@ class _Run:
             set_seed(self.train.seed + self.dist.rank)  # augmentation and dropout differ per rank
         self._write_records(records, resumed=resume_from is not None)
         resumed_from = self.step if resume_from is not None else None
+        if self.tracking is not None:
+            self.tracking.start(resumed_from, {f"batch.{k}": v for k, v in self.plan.as_record().items()})
         stop = min(self.total, stop_after) if stop_after else self.total
         if self.progress is not None:
             self.progress.message(
@@ -364,7 +387,7 @@ class _Run:
             samples_per_s=trained * self.global_batch / max(seconds, 1e-9), world_size=self.dist.world_size,
             precision=self.acc.mixed_precision, peak_lr=self.lr, metrics=self.last_metrics, best_metric=self.best,
             best_checkpoint=best_checkpoint(self.run_dir), validations=self.validations, resumed_from=resumed_from,
-            skipped_samples=self.task.skipped_samples, notes=self.notes)
+            skipped_samples=self.task.skipped_samples, notes=self.notes, batch=self.plan.as_record())
 
     def _loop(self, data_state: dict | None, stop: int) -> None:
         batches = iter(self.task.train_batches(self.dist, data_state))

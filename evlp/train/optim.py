@@ -45,12 +45,51 @@ FUSED_DEVICES = ("cuda", "cpu")
 S-SMKE's 117M parameters against 0.31 s for the multi-tensor ``foreach`` path); elsewhere ``foreach``."""
 
 
+def tower_parameters(model: nn.Module) -> dict[str, set[int]]:
+    """The ids of the parameters inside the image towers and the text towers of ``model`` (whatever wraps them:
+    the S-SMKE student, a fine-tuning head), by kind: ``image``, ``text``."""
+    from evlp.models.image import Data2Vec2ImageTower, TimmImageTower
+    from evlp.models.text import TextTower
+
+    kinds = {"image": (Data2Vec2ImageTower, TimmImageTower), "text": (TextTower,)}
+    return {kind: {id(p) for m in model.modules() if isinstance(m, types) for p in m.parameters()}
+            for kind, types in kinds.items()}
+
+
+def scale_tower_lr(model: nn.Module, groups: list[dict], image: float = 1.0, text: float = 1.0) -> list[dict]:
+    """``groups`` with every parameter of an image (text) tower moved into a copy of its group whose
+    ``lr_scale`` is multiplied by ``image`` (``text``): per-tower LR multipliers on top of any other grouping
+    (weight decay, layer-wise decay).
+
+    Returns:
+        ``groups`` itself when both scales are 1 (the optimizer's layout, and so its saved state, stays as it
+        was); else, for each group in order, its unscaled part, then its image part, then its text part (empty
+        parts dropped), so that the first group still runs at the base LR where it has untouched parameters.
+    """
+    if image == 1.0 and text == 1.0:
+        return groups
+    towers = tower_parameters(model)
+    out: list[dict] = []
+    for g in groups:
+        params = list(g["params"])
+        parts = {"": [p for p in params if id(p) not in towers["image"] and id(p) not in towers["text"]],
+                 "image": [p for p in params if id(p) in towers["image"]],
+                 "text": [p for p in params if id(p) in towers["text"]]}
+        scales = {"": 1.0, "image": image, "text": text}
+        for kind, part in parts.items():
+            if part:
+                out.append({**g, "params": part, "lr_scale": g.get("lr_scale", 1.0) * scales[kind]})
+    return out
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, groups: list[dict] | None = None,
                     device: torch.device | str | None = None) -> torch.optim.Optimizer:
     """AdamW at peak learning rate ``lr`` over :func:`param_groups`, or over ``groups`` (a task's own, e.g.
-    layer-wise LR decay); a group's ``lr_scale`` multiplies ``lr`` for its parameters. On a device of
+    layer-wise LR decay); a group's ``lr_scale`` multiplies ``lr`` for its parameters, and the towers' parameters
+    are scaled by ``optim.lr_scale_image`` / ``lr_scale_text`` (:func:`scale_tower_lr`). On a device of
     :data:`FUSED_DEVICES` (``device``, else where the parameters are) the fused kernel is used."""
     groups = groups if groups is not None else param_groups(model, cfg.weight_decay)
+    groups = scale_tower_lr(model, groups, cfg.lr_scale_image, cfg.lr_scale_text)
     for g in groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
     if device is None:

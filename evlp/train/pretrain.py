@@ -14,23 +14,28 @@ from torch import Tensor, nn
 
 from evlp.checkpoint import TEXT_CONFIG, TOKENIZER, eval_path, read_json, write_json
 from evlp.config.schema import PretrainConfig
+from evlp.data.device_augment import finish_images
+from evlp.data.mix import build_sources
 from evlp.data.pairs import PairBatches
-from evlp.data.shards import count_samples, expand_shards
+from evlp.data.shards import count_samples
 from evlp.data.tokenize import build_caption_tokenizer
 from evlp.data.transforms import pretrain_transforms
 from evlp.dist import DistInfo
 from evlp.errors import ConfigError
-from evlp.losses import MemoryBank, clip_loss, kd_loss, total_loss, update_bank
+from evlp.losses import MemoryBank, clip_loss, kd_loss, sigmoid_loss, total_loss, update_bank
 from evlp.models import build_model, build_teacher_of, resolve_model_config, resolve_weights
+from evlp.models.lock import apply_locks
 from evlp.eval.results import EvalResult
 from evlp.train.lifecycle import TrainingResult, train
 from evlp.train.runs import RunStart
 from evlp.train.task import Progress, Task
 
 class PretrainModule(nn.Module):
-    """The trainable module under DDP: the student plus the KD logit scale (a parameter only when learnable)."""
+    """The trainable module under DDP: the student plus the KD logit scale (a parameter only when learnable)
+    and, with the sigmoid ITC (``itc_bias`` given), the learnable bias of each ITC level."""
 
-    def __init__(self, student: nn.Module, kd_temperature: float, learnable: bool) -> None:
+    def __init__(self, student: nn.Module, kd_temperature: float, learnable: bool,
+                 itc_bias: float | None = None) -> None:
         super().__init__()
         self.student = student
         init = torch.tensor(math.log(1.0 / kd_temperature))
@@ -38,12 +43,24 @@ class PretrainModule(nn.Module):
             self.kd_logit_scale = nn.Parameter(init)
         else:
             self.register_buffer("kd_logit_scale", init, persistent=False)
+        # shape (2,), not two scalars: FSDP2 cannot shard 0-dim parameters
+        self.itc_bias = nn.Parameter(torch.full((2,), float(itc_bias))) if itc_bias is not None else None
 
     def forward(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
         out = self.student(pixels, input_ids, attention_mask)
         out["itc_scales"] = self.student.logit_scales.exp()  # (2,)
         out["kd_scale"] = self.kd_logit_scale.exp()
+        if self.itc_bias is not None:
+            out["itc_bias"] = self.itc_bias  # (2,)
         return out
+
+
+def unused_parameters_possible(cfg: PretrainConfig) -> bool:
+    """Whether some trainable parameter can get no gradient in a step (DDP's ``find_unused_parameters``): the
+    KD head without KD, the ITC scales (and sigmoid biases) without ITC. Locked tower parameters do not count:
+    they have ``requires_grad=False``, so DDP does not wait for their gradients (evlp.models.lock)."""
+    use_kd = cfg.model.teacher.enabled and cfg.loss.kd_weight > 0
+    return not use_kd or cfg.loss.itc_weight == 0
 
 
 class PretrainTask(Task):
@@ -61,11 +78,13 @@ class PretrainTask(Task):
         self.resume_from = resume_from
         self.pretrained = pretrained
         """False: random weights of the same architecture (benchmarks), nothing read or downloaded."""
-        self.shards = expand_shards(cfg.data.root, cfg.data.train)
+        self.sources = build_sources(cfg.data)
+        """``data.sources``, or ``data.train`` as one source (evlp.data.mix)."""
+        self.shards = [shard for source in self.sources for shard in source.shards]
         text = cfg.model.text
         self.tokenizer = build_caption_tokenizer(text.tokenizer_source, text.max_length, text.vocab_size)
         self.train_transform, _ = pretrain_transforms(cfg.data, cfg.model.image.img_size)
-        self._samples = cfg.data.samples_per_epoch or count_samples(self.shards)
+        self._samples = cfg.data.samples_per_epoch or count_samples(self.shards)  # the nominal epoch of a mix too
         if self._samples < cfg.train.batch_size:
             raise ConfigError(f"the training data has {self._samples} samples, fewer than train.batch_size "
                               f"{cfg.train.batch_size}; lower the batch size or add data")
@@ -74,7 +93,7 @@ class PretrainTask(Task):
         """Where cached teacher targets come from (``model.teacher.cache``); None: the teacher runs."""
         if self.use_kd and cfg.model.teacher.cache:
             self.cached_targets = teacher_targets or cached_teacher_targets(cfg, self.shards)
-        self.find_unused_parameters = not self.use_kd or cfg.loss.itc_weight == 0
+        self.find_unused_parameters = unused_parameters_possible(cfg)
         self.teacher: nn.Module | None = None
         self.bank: MemoryBank | None = None
         self.pairs: PairBatches | None = None
@@ -88,11 +107,18 @@ class PretrainTask(Task):
         else:
             student = build_model(cfg.model, pretrained=self.pretrained, models_dir=models)
         self.text_config = student.text.hf_config()
+        self.locks = apply_locks(student, cfg.model)  # LiT: model.image/text.lock, unlocked_layers, train_norms
+        sigmoid = cfg.loss.itc == "sigmoid"
+        if sigmoid:  # SigLIP's t starts at loss.sigmoid_init_scale (a resumed run then loads its own)
+            with torch.no_grad():
+                student.logit_scales.fill_(math.log(cfg.loss.sigmoid_init_scale))
         if self.use_kd:
             if self.cached_targets is None:
-                self.teacher = build_teacher_of(cfg.model, pretrained=self.pretrained, models_dir=models)
+                self.teacher = build_teacher_of(cfg.model, pretrained=self.pretrained, models_dir=models,
+                                                input_mean=cfg.data.mean, input_std=cfg.data.std)
             self.bank = MemoryBank(cfg.loss.memory_bank_size, cfg.model.target_dim)
-        return PretrainModule(student, cfg.loss.kd_temperature, cfg.loss.kd_learnable_temperature)
+        return PretrainModule(student, cfg.loss.kd_temperature, cfg.loss.kd_learnable_temperature,
+                              itc_bias=cfg.loss.sigmoid_init_bias if sigmoid else None)
 
     def to(self, device: Any) -> None:
         if self.teacher is not None:
@@ -122,12 +148,16 @@ class PretrainTask(Task):
         return self._samples
 
     def train_batches(self, dist: DistInfo, data_state: dict | None) -> Iterator[dict[str, Any]]:
-        self.pairs = PairBatches(self.shards, transform=self.train_transform, tokenizer=self.tokenizer,
+        self.pairs = PairBatches(self.sources, transform=self.train_transform, tokenizer=self.tokenizer,
                                  batch_size=self.cfg.train.batch_size, dist=dist, seed=self.cfg.train.seed,
-                                 num_workers=self.cfg.data.num_workers, teacher_targets=self.cached_targets)
+                                 num_workers=self.cfg.data.num_workers, teacher_targets=self.cached_targets,
+                                 mix=self.cfg.data.mix)
         for batch in self.pairs.batches((data_state or {}).get("stream")):
             self.skipped_samples = self.pairs.skipped
             yield batch
+
+    def on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return finish_images(batch, self.train_transform)
 
     # ------------------------------------------------------------------ loss
     def training_step(self, module: nn.Module, batch: dict[str, Any], dist: DistInfo
@@ -138,8 +168,13 @@ class PretrainTask(Task):
         levels = []
         metrics: dict[str, Tensor] = {}
         for i, key in enumerate(("x_interm", "x")):
-            res = clip_loss(out[f"{key}_image"].float(), out[f"{key}_text"].float(), scales[i],
-                            rank=dist.rank, world_size=dist.world_size)
+            image, text = out[f"{key}_image"].float(), out[f"{key}_text"].float()
+            if "itc_bias" in out:  # loss.itc=sigmoid (SigLIP)
+                bias = out["itc_bias"][i].float()
+                res = sigmoid_loss(image, text, scales[i], bias, rank=dist.rank, world_size=dist.world_size)
+                metrics[f"itc_{key}_bias"] = bias.detach().clone()  # a view of the parameter: the step moves it
+            else:
+                res = clip_loss(image, text, scales[i], rank=dist.rank, world_size=dist.world_size)
             levels.append(res.loss)
             metrics[f"itc_{key}_loss"] = res.loss.detach()
             metrics[f"itc_{key}_acc"] = res.acc.detach()
@@ -198,7 +233,8 @@ def cached_teacher_targets(cfg: PretrainConfig, shards: list[Path]) -> Any:
 
 
 # ---------------------------------------------------------------------- entry point
-PRETRAIN_FIXED = ("model", "loss.memory_bank_size", "loss.kd_learnable_temperature")
+PRETRAIN_FIXED = ("model", "loss.memory_bank_size", "loss.kd_learnable_temperature", "loss.itc",
+                  "optim.lr_scale_image", "optim.lr_scale_text")
 """What a resume of a pretraining run may not change (besides batch size, accumulation and seed)."""
 
 
@@ -232,7 +268,8 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int | Non
         val = Path(cfg.data.val)
         val = val if val.is_absolute() else Path(cfg.data.root) / val
         return [evaluate_retrieval(RetrievalEvalConfig(ckpt=str(ckpt), data=str(val), split=cfg.data.val_split,
-                                                       out=str(eval_path(cfg.out, "retrieval"))))]
+                                                       out=str(eval_path(cfg.out, "retrieval"))),
+                                   dist=DistInfo())]  # scored on the main process alone
 
     return train(cfg, make_task, resume=resume, stop_after=stop_after, progress=progress, fixed=PRETRAIN_FIXED,
                  score=score)

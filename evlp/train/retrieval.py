@@ -12,11 +12,12 @@ from torch import Tensor, nn
 
 from evlp.checkpoint import TEXT_CONFIG, TOKENIZER, eval_path, write_json
 from evlp.config.retrieval import RetrievalFinetuneConfig
+from evlp.data.device_augment import finish_images
 from evlp.data.karpathy import load_retrieval_index
 from evlp.data.pairs import PairBatches
 from evlp.data.shards import count_samples, expand_shards
-from evlp.data.transforms import train_transform
-from evlp.dist import DistInfo, gather_objects, shard_range
+from evlp.data.transforms import train_augment
+from evlp.dist import DistInfo
 from evlp.eval.results import EvalResult
 from evlp.eval.retrieval import retrieval_metrics
 from evlp.losses import clip_loss
@@ -63,9 +64,9 @@ class RetrievalFinetuneTask(Task):
         data = (self.encoder.run_config or {}).get("data") or {}
         self.mean = tuple(data.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(data.get("std", (0.229, 0.224, 0.225)))
-        self.train_transform = train_transform(self.encoder.config.image.img_size, crop_scale=cfg.crop_scale,
-                                               hflip=cfg.hflip, color_jitter=cfg.color_jitter, mean=self.mean,
-                                               std=self.std)
+        self.train_transform = train_augment(self.encoder.config.image.img_size, augment_on=cfg.augment_on,
+                                             crop_scale=cfg.crop_scale, hflip=cfg.hflip,
+                                             color_jitter=cfg.color_jitter, mean=self.mean, std=self.std)
         self.pairs: PairBatches | None = None
         self.skipped_samples = 0
         self.device: Any = "cpu"
@@ -100,6 +101,9 @@ class RetrievalFinetuneTask(Task):
             self.skipped_samples = self.pairs.skipped
             yield batch
 
+    def on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return finish_images(batch, self.train_transform)
+
     def training_step(self, module: nn.Module, batch: dict[str, Any], dist: DistInfo
                       ) -> tuple[Tensor, dict[str, Tensor]]:
         out = module(batch["image"], batch["input_ids"], batch["attention_mask"])
@@ -112,17 +116,15 @@ class RetrievalFinetuneTask(Task):
 
     @torch.no_grad()
     def evaluate(self, module: nn.Module, dist: DistInfo) -> dict[str, float]:
-        """Karpathy R@K on the validation split; every rank embeds its share, all ranks get the same scores."""
+        """Karpathy R@K on the validation split; every rank embeds its share of the images and captions
+        (:mod:`evlp.eval.sharded`: each once, none padded), all ranks get the same scores."""
         from evlp.eval.runner import embed_images
+        from evlp.eval.sharded import map_shares
 
-        encoder, index = self.encoder, self.val_index
+        encoder, index, batch = self.encoder, self.val_index, self.cfg.eval_batch_size
         encoder.model, encoder.device = module.student, self.device
-        img_ids = shard_range(len(index.image_paths), dist.rank, dist.world_size)
-        txt_ids = shard_range(len(index.texts), dist.rank, dist.world_size)
-        images = embed_images(encoder, [index.image_paths[i] for i in img_ids], self.cfg.eval_batch_size, 0)
-        texts = encoder.encode_text([index.texts[i] for i in txt_ids], batch_size=self.cfg.eval_batch_size)
-        images = torch.cat(gather_objects(images, dist.world_size))
-        texts = torch.cat(gather_objects(texts, dist.world_size))
+        images = map_shares(lambda paths: embed_images(encoder, paths, batch, 0), index.image_paths, dist)  # (N_i, D)
+        texts = map_shares(lambda caps: encoder.encode_text(caps, batch_size=batch), index.texts, dist)  # (N_t, D)
         metrics = retrieval_metrics(images @ texts.T, index.text_to_image)
         return {k: metrics[k] for k in ("rmean", "rsum", "tr1", "ir1")}
 
@@ -145,7 +147,7 @@ def finetune_retrieval(cfg: RetrievalFinetuneConfig, *, resume: bool = False, st
         return [evaluate_retrieval(RetrievalEvalConfig(
             ckpt=str(ckpt), data=str(Path(cfg.data_root) / cfg.dataset), split=cfg.test_split,
             out=str(eval_path(cfg.out, "retrieval", cfg.dataset, cfg.test_split)), num_workers=0,
-            batch_size=cfg.eval_batch_size))]
+            batch_size=cfg.eval_batch_size), dist=DistInfo())]  # scored on the main process alone
 
     return train(cfg, lambda start: RetrievalFinetuneTask(cfg), resume=resume, stop_after=stop_after,
                  progress=progress, fixed=("dataset",), score=score)

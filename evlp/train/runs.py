@@ -196,13 +196,28 @@ def check_run_dir(cfg: Any, resume: bool, fixed: Iterable[str] = ()) -> Path | N
     if saved_file.is_file():
         saved, now = read_yaml(saved_file), to_dict(cfg)
         keys = (*ALWAYS_FIXED, *fixed)
-        changed = [d for k in keys for d in differences(lookup(saved, k), lookup(now, k), k)]
+        changed = [d for k in keys for d in differences(lookup(saved, k), lookup(now, k), k)
+                   if not _added_since(saved, now, d, cfg)]
         if changed:
             shown = ", ".join(f"{k} ({_show(lookup(saved, k))} -> {_show(lookup(now, k))})" for k in changed[:6])
             raise ConfigError(f"--resume cannot change {shown}{' ...' if len(changed) > 6 else ''}: these are "
                               f"fixed for the life of the run saved in {saved_file}; drop those overrides (omit "
                               "--config to reuse the run's own), or start a new run with another --out")
     return ckpt
+
+
+def _added_since(saved: dict, now: dict, key: str, cfg: Any) -> bool:
+    """True for a setting that a newer evlp added and the run's saved config lacks, left at its default: the
+    run was made with what the default does, so resuming it with a newer release changes nothing."""
+    parent, _, name = key.rpartition(".")
+    section = lookup(saved, parent) if parent else saved
+    if not isinstance(section, dict) or name in section:
+        return False
+    try:
+        defaults = to_dict(type(cfg)())
+    except TypeError:  # a config that has no defaults for everything
+        return False
+    return lookup(now, key) == lookup(defaults, key)
 
 
 @dataclass

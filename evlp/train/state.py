@@ -18,6 +18,7 @@ import torch
 
 from evlp.checkpoint import (
     CKPT_DIR,
+    SHARDED_WEIGHTS,
     TRAINER_STATE,
     checkpoint_name,
     file_manifest,
@@ -28,8 +29,9 @@ from evlp.checkpoint import (
 )
 from evlp.config.loader import differences, lookup, write_atomic
 from evlp.config.schema import OptimConfig, TrainConfig
-from evlp.errors import CheckpointError
+from evlp.errors import CheckpointError, ConfigError
 from evlp.train.guard import Control, write_failure
+from evlp.train.strategy import is_sharded
 from evlp.train.task import Task
 
 SCHEDULER_STATE = "scheduler.pt"
@@ -61,7 +63,8 @@ def schedule_record(optim: OptimConfig, train: TrainConfig, total: int, lr: floa
     """The settings a resume may change, as saved in each checkpoint to report what a resume changes."""
     record = {"optim": dataclasses.asdict(optim), "total_steps": total, "peak_lr": lr,
               "train": {k: getattr(train, k) for k in ("epochs", "max_steps", "log_every", "ckpt_every",
-                                                       "keep_checkpoints", "eval_every", "precision")}}
+                                                       "keep_checkpoints", "eval_every", "precision", "strategy",
+                                                       "fsdp_sharding")}}
     return json.loads(json.dumps(record))  # tuples as lists, as they come back from the checkpoint
 
 
@@ -75,7 +78,10 @@ class Checkpointer:
     """Writes checkpoints atomically: every rank writes into ``step_N.tmp``, then rank 0 records every file's
     size and sha256 in ``trainer_state.json`` (written last) and renames the folder into place. A checkpoint of
     non-finite weights is never written; a failed write (a full disk) removes the partial folder on every rank
-    and leaves the previous checkpoint as ``latest``."""
+    and leaves the previous checkpoint as ``latest``.
+
+    Under FSDP (``train.strategy=fsdp``) accelerate writes the model and optimizer as sharded state, each rank its
+    own shards, into the same temporary folder; the record, the rename and the checks are the same."""
 
     def __init__(self, accelerator: Any, task: Task, run_dir: Path, control: Control, scheduler: Any, keep: int,
                  files: dict[str, str]) -> None:
@@ -142,9 +148,23 @@ class Checkpointer:
         self.last = final
         return final
 
+    def _check_layout(self, ckpt: Path) -> None:
+        """A checkpoint resumes only into a run that holds the model the same way (sharded or not); a changed
+        ``train.strategy`` is refused before anything is loaded."""
+        sharded = (ckpt / SHARDED_WEIGHTS).is_dir()
+        if sharded == is_sharded(self.acc):
+            return
+        if sharded:
+            raise ConfigError(f"checkpoint {ckpt} is sharded (written with train.strategy=fsdp on several "
+                              "processes) and this run is not; resume it with train.strategy=fsdp on several "
+                              "processes")
+        raise ConfigError(f"checkpoint {ckpt} is not sharded (written with train.strategy=ddp or by one process) and "
+                          "this run shards the model; resume it with train.strategy=ddp")
+
     def load(self, ckpt: Path) -> dict[str, Any]:
         from safetensors.torch import load_file
 
+        self._check_layout(ckpt)
         try:
             self.acc.load_state(str(ckpt))
             if (ckpt / TASK_STATE).is_file():

@@ -78,6 +78,11 @@ class Task:
         layer-wise LR decay; None (the default) uses :func:`evlp.train.optim.param_groups`."""
         return None
 
+    def on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Finish a batch once it is on the training device, before the step (e.g. the batched augmentation of
+        evlp.data.device_augment); runs outside autocast. The default returns it unchanged."""
+        return batch
+
     def after_optimizer_step(self, module: nn.Module) -> None:
         """Called after every optimizer step with the unwrapped module (clamping, momentum updates ...)."""
 

@@ -1,4 +1,6 @@
-"""Two CPU processes (gloo) under `accelerate launch`: same first step as one process with the same global batch."""
+"""Two CPU processes (gloo) under `accelerate launch`: same first step as one process with the same global batch.
+
+:func:`launch_two` is the launch the other multi-process tests use too (e.g. ``test_global_batch.py``)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from evlp.checkpoint import latest_checkpoint
-from tests.conftest import cli_env, run_cli
+from tests.conftest import REPO, cli_env, run_cli
 
 # Deterministic inputs: full-image crops, no flips/jitter, no dropout; KD negatives gathered from all ranks so
 # that both layouts see the same candidate set.
@@ -25,6 +27,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch_two(*args: str) -> subprocess.CompletedProcess[str]:
+    """``accelerate launch ARGS`` (e.g. ``-m evlp_cli.main pretrain ...``) on 2 CPU processes, from the repository."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=cli_env(OMP_NUM_THREADS="1"), cwd=REPO,
+                          timeout=600, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -39,20 +50,17 @@ def one_shard(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.dist
 def test_two_processes_match_one_process(one_shard: Path, tmp_path: Path) -> None:
-    single = run_cli("pretrain", "--config", "tiny", "--data", str(one_shard), "--out", str(tmp_path / "one"),
-                     "train.batch_size=16", *EXACT)
+    """One recipe (a global batch of 16, micro-batches of at most 16) on 1 process (16 each) and 2 (8 each)."""
+    recipe = ["pretrain", "--config", "tiny", "--data", str(one_shard), "train.batch_size=16",
+              "train.global_batch_size=16", *EXACT]
+    single = run_cli(*recipe, "--out", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr[-3000:]
-
-    accelerate = Path(sys.executable).parent / "accelerate"
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "evlp_cli.main", "pretrain", "--config", "tiny", "--data", str(one_shard),
-           "--out", str(tmp_path / "two"), "train.batch_size=8", *EXACT]
-    two = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(OMP_NUM_THREADS="1"), timeout=600)
+    two = launch_two("-m", "evlp_cli.main", *recipe, "--out", str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr[-3000:]
 
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["samples"] == 16
+    assert summary["batch"] == {"world_size": 2, "micro_batch": 8, "grad_accum": 1, "global_batch": 16}
     ckpt2 = latest_checkpoint(tmp_path / "two")
     assert (ckpt2 / "data_state_rank0.json").is_file() and (ckpt2 / "data_state_rank1.json").is_file()
 

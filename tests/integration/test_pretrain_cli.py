@@ -64,8 +64,10 @@ def test_pretrain_writes_a_complete_run_and_evaluates(synth_data: Path, tmp_path
 
 
 def test_resume_continues_exactly(synth_data: Path, tmp_path: Path) -> None:
-    """8 steps in one go == 3 steps, stop, resume to 8: weights, optimizer, bank and data position restored."""
-    common = ("train.max_steps=8", "train.ckpt_every=100")
+    """8 steps in one go == 3 steps, stop, resume to 8: weights, optimizer, bank and data position restored;
+    with the augmentation finished on the device (the workers' half is seeded per sample, the device's has no
+    randomness)."""
+    common = ("train.max_steps=8", "train.ckpt_every=100", "data.augment_on=device")
     _pretrain(synth_data, tmp_path / "straight", *common)
     _pretrain(synth_data, tmp_path / "split", *common, "--stop-after", "3")
     assert latest_checkpoint(tmp_path / "split").name == "step_00000003"

@@ -32,7 +32,7 @@ def test_bench_train_figures_are_consistent(synth_data: Path) -> None:
     assert res["samples_per_s"] == pytest.approx(8 / res["step_s"])
     assert res["mfu"] == pytest.approx(res["model_flops_per_step"] / res["step_s"] / res["matmul_flops_per_s"])
     assert 0 < res["mfu"] < 1 and res["peak_memory_bytes"] > 0
-    assert set(res["breakdown_s"]) == {"data_wait", "teacher", "student_forward", "loss", "backward", "optimizer"}
+    assert set(res["breakdown_s"]) == {"data_wait", "augment", "teacher", "student_forward", "loss", "backward", "optimizer"}
     assert all(v >= 0 for v in res["breakdown_s"].values()) and res["breakdown_s"]["backward"] > 0
 
     # the model FLOPs per step, counted independently: forward of student and teacher + backward of the student
@@ -42,7 +42,7 @@ def test_bench_train_figures_are_consistent(synth_data: Path) -> None:
     torch.manual_seed(0)
     task = PretrainTask(cfg, pretrained=False)
     module = task.build_module()
-    batch = next(iter(task.train_batches(DistInfo(), None)))
+    batch = task.on_device(next(iter(task.train_batches(DistInfo(), None))))
     task.bank.push(torch.randn(32, task.bank.dim))  # the bench counts with a full bank (the steady state)
 
     def step() -> None:

@@ -54,7 +54,7 @@ def test_hflip_and_jitter_switch_off() -> None:
     a = train_transform(48, crop_scale=(1.0, 1.0), hflip=0.0, color_jitter=0.0)
     names = [type(t).__name__ for t in a.transforms]
     assert "RandomHorizontalFlip" not in names and "ColorJitter" not in names
-    b, _ = pretrain_transforms(DataConfig(), 224)
+    b, _ = pretrain_transforms(DataConfig(augment_on="workers"), 224)
     names = [type(t).__name__ for t in b.transforms]
     assert names[:3] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "ColorJitter"]
     x1, x2 = a(img), a(img)

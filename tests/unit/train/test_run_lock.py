@@ -96,3 +96,18 @@ def test_a_forked_child_does_not_keep_the_lock(tmp_path: Path) -> None:
     finally:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
+
+
+def test_a_setting_added_since_the_run_was_saved_is_no_change() -> None:
+    """A run saved by an older evlp lacks a newer setting: left at its default it resumes, changed it does not."""
+    from evlp.config.loader import to_dict
+    from evlp.config.schema import PretrainConfig
+    from evlp.train.runs import _added_since
+
+    cfg = PretrainConfig()
+    saved = to_dict(cfg)
+    del saved["model"]["image"]["lock"]
+    assert _added_since(saved, to_dict(cfg), "model.image.lock", cfg)
+    cfg.model.image.lock = True
+    assert not _added_since(saved, to_dict(cfg), "model.image.lock", cfg)
+    assert not _added_since(to_dict(PretrainConfig()), to_dict(cfg), "model.image.lock", cfg)  # saved: a change

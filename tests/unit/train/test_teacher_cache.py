@@ -87,7 +87,7 @@ def test_pretraining_reads_the_cache_instead_of_running_the_teacher(data: Path) 
     task = PretrainTask(cfg)
     module = task.build_module()
     assert task.teacher is None and task.bank is not None
-    batch = next(iter(task.train_batches(DistInfo(), None)))
+    batch = task.on_device(next(iter(task.train_batches(DistInfo(), None))))
     assert batch["teacher_target"].shape == (8, task.bank.dim)
     # every batch target is the cached row of its sample
     shards = expand_shards(data, cfg.data.train)

@@ -1,0 +1,259 @@
+"""The pretraining augmentation split between the data workers and the training device.
+
+On the 256 px shards ``evlp data download`` writes, decoding a JPEG is the cheap part of the train transform:
+PIL's bicubic crop-resize costs about 1.4x the decode, colour jitter on the PIL image as much again, and the
+float conversion and normalisation more. A worker that does all of it reaches about a tenth of its decoding
+rate. Here the work is divided instead:
+
+- **in the worker** (:class:`TrainAugment`): decode (with JPEG draft when the crop allows it, see
+  evlp.data.transforms), draw every random parameter with exactly the random calls of the reference chain
+  (timm's ``RandomResizedCropAndInterpolation.get_params``, then ``RandomHorizontalFlip``, then
+  ``ColorJitter.get_params``, under the per-sample seeding of evlp.data.seeding), and hand over the uint8
+  pixels of the crop box (plus the few pixels around it that the resampling kernel reaches) with the
+  parameters: one row of :data:`PARAMS` floats;
+- **on the device** (:func:`augment_batch`), for the whole batch at once: crop-resize as two batched matrix
+  products whose rows are PIL's antialiased bicubic coefficients (so the result is PIL's resize of the box, up
+  to PIL's intermediate rounding to uint8), horizontal flip folded into the column weights, brightness /
+  contrast / saturation in each sample's own drawn order with torchvision's formulas, and normalisation.
+
+The parameters are the reference transform's, draw for draw, so the augmentation distribution is unchanged
+and a resumed run sees exactly the augmentation of an uninterrupted one; the device step has no randomness of
+its own. A crop whose box is more than twice the output size in a side after JPEG draft (a large PNG, say) is
+resized in the worker by PIL and handed over at the output size; the device's resampling of it is then the
+identity, so such images cost no more device work than any other.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from evlp.data.transforms import IMAGENET_MEAN, IMAGENET_STD, as_rgb, draft_scale, undecoded_jpeg
+
+# one row of parameters per image: the height and width of its pixels, the crop box in those pixels (sub-pixel),
+# the flip, the brightness / contrast / saturation factors (1 = unchanged), the order in which the three are
+# applied (0 brightness, 1 contrast, 2 saturation, as torchvision's ColorJitter draws it), and whether the pixels
+# are handed over transposed (a portrait region stored as landscape, so that a batch of mixed orientations pads
+# to short side x long side instead of long side squared); sizes and box are always in the image's orientation
+PARAMS = ("height", "width", "x0", "y0", "x1", "y1", "flip", "brightness", "contrast", "saturation",
+          "order0", "order1", "order2", "transposed")
+_COL = {name: i for i, name in enumerate(PARAMS)}
+# a box up to this many times the output size (per side) is resampled on the device; larger ones in the worker
+_MAX_DEVICE_REDUCTION = 2.0
+# PIL's bicubic kernel (a = -0.5) reaches this far, in output pixels scaled to the input
+_BICUBIC_SUPPORT = 2.0
+# torchvision's (and ITU-R 601-2's) luma weights, used by contrast and saturation
+_LUMA = (0.2989, 0.587, 0.114)
+
+
+class DeferredImage(tuple):
+    """``(pixels (h, w, 3) uint8 array, params (len(PARAMS),) float32 array)``: one image whose augmentation is
+    finished on the device. A tuple subclass so that collation can tell it from an already augmented tensor;
+    numpy rather than torch because the pixels are a view into the decoded image (no copy until collation)."""
+
+    __slots__ = ()
+
+    @property
+    def pixels(self) -> np.ndarray:
+        return self[0]
+
+    @property
+    def params(self) -> np.ndarray:
+        return self[1]
+
+
+class TrainAugment:
+    """The worker half of the train transform: image -> :class:`DeferredImage`.
+
+    The arguments are those of :func:`evlp.data.transforms.train_transform` (which is the same augmentation done
+    entirely in the worker); :meth:`reference` builds it. :func:`augment_batch` with :attr:`img_size`,
+    :attr:`mean` and :attr:`std` is the device half.
+    """
+
+    def __init__(self, img_size: int, *, crop_scale: Sequence[float] = (0.9, 1.0), hflip: float = 0.5,
+                 color_jitter: float = 0.4, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, ratio: Sequence[float] = (3 / 4, 4 / 3)) -> None:
+        self.img_size = int(img_size)
+        self.crop_scale, self.ratio = tuple(crop_scale), tuple(ratio)
+        self.hflip, self.color_jitter = float(hflip), float(color_jitter)
+        self.mean, self.std = tuple(mean), tuple(std)
+        j = self.color_jitter
+        self._jitter = [max(0.0, 1 - j), 1 + j] if j > 0 else None  # ColorJitter's range for b, c and s
+        # imported here, in the process that builds the transform, so that forked workers inherit timm
+        from timm.data.transforms import RandomResizedCropAndInterpolation as TimmCrop
+
+        self._crop_params = TimmCrop.get_params
+
+    def reference(self) -> Any:
+        """The same augmentation done entirely in the worker (torchvision/timm on the PIL image)."""
+        from evlp.data.transforms import train_transform
+
+        return train_transform(self.img_size, crop_scale=self.crop_scale, hflip=self.hflip,
+                               color_jitter=self.color_jitter, mean=self.mean, std=self.std)
+
+    def draw(self, img: Image.Image) -> tuple[tuple[int, int, int, int], bool, list[float], list[int]]:
+        """The random parameters for ``img``, drawn exactly as the reference chain draws them:
+        ``((i, j, h, w) crop box in full-resolution pixels, flip, [brightness, contrast, saturation], order)``."""
+        box = self._crop_params(img, self.crop_scale, self.ratio)  # python's random, as timm draws (on the
+        # full-resolution size; an undecoded JPEG stays undecoded)
+        flip = bool(torch.rand(1) < self.hflip) if self.hflip > 0 else False  # RandomHorizontalFlip
+        factors, order = [1.0, 1.0, 1.0], [0, 1, 2]
+        if self._jitter is not None:  # ColorJitter.get_params: the order, then b, c, s (hue is off)
+            lo, hi = self._jitter
+            fn_idx = torch.randperm(4)
+            factors = [float(torch.empty(1).uniform_(lo, hi)) for _ in range(3)]
+            order = [int(k) for k in fn_idx if k < 3]
+        return box, flip, factors, order
+
+    def __call__(self, img: Image.Image) -> DeferredImage:
+        (i, j, h, w), flip, factors, order = self.draw(img)
+        out = self.img_size
+        s = 1
+        if undecoded_jpeg(img):
+            s = draft_scale((w, h), (out, out))
+            if s > 1:
+                full_w = img.size[0]
+                drafted = img.draft("RGB", (full_w // s, img.size[1] // s))
+                s = round(full_w / drafted[1][2]) if drafted is not None else 1
+        img = as_rgb(img)
+        if s == 1:  # as torchvision's resized_crop: the kernel sees only the box
+            left, top, right, bottom = j, i, j + w, i + h
+            box = (0.0, 0.0, float(w), float(h))
+        else:  # as PIL's resize with a box (the draft path): the kernel reaches around it
+            x0, y0, x1, y1 = j / s, i / s, (j + w) / s, (i + h) / s
+            reach = _BICUBIC_SUPPORT * max(1.0, (x1 - x0) / out, (y1 - y0) / out) + 1
+            left, top = max(0, math.floor(x0 - reach)), max(0, math.floor(y0 - reach))
+            right, bottom = min(img.size[0], math.ceil(x1 + reach)), min(img.size[1], math.ceil(y1 + reach))
+            box = (x0 - left, y0 - top, x1 - left, y1 - top)
+        if max(box[2] - box[0], box[3] - box[1]) > _MAX_DEVICE_REDUCTION * out:  # too large: resize here
+            img = img.crop((left, top, right, bottom)).resize((out, out), Image.BICUBIC, box=box)
+            left, top, right, bottom = 0, 0, out, out
+            box = (0.0, 0.0, float(out), float(out))
+        transposed = bottom - top > right - left
+        if transposed:  # PIL's transpose is several times faster than collating a strided numpy view
+            pixels = np.asarray(img.crop((left, top, right, bottom)).transpose(Image.Transpose.TRANSPOSE))
+        else:
+            pixels = np.asarray(img)[top:bottom, left:right]  # a view: collation makes the one copy
+        params = np.array([bottom - top, right - left, *box, float(flip), *factors, *order, float(transposed)],
+                          dtype=np.float32)
+        return DeferredImage((pixels, params))
+
+    def on_device(self, pixels: Tensor, params: Tensor) -> Tensor:
+        """The device half: :func:`augment_batch` with this transform's size and normalisation."""
+        return augment_batch(pixels, params, self.img_size, self.mean, self.std, jitter=self._jitter is not None)
+
+    def __repr__(self) -> str:
+        return (f"TrainAugment(img_size={self.img_size}, crop_scale={self.crop_scale}, hflip={self.hflip}, "
+                f"color_jitter={self.color_jitter}, device half: evlp.data.device_augment.augment_batch)")
+
+
+def collate_images(images: Sequence[DeferredImage]) -> dict[str, Tensor]:
+    """Deferred images -> ``{"image_pixels": (B, H, W, 3) uint8 padded with zeros to the largest, "image_params":
+    (B, len(PARAMS)) float32}``; the valid size of each image is in its parameters (transposed for a portrait
+    image, see :data:`PARAMS`)."""
+    height = max(im.pixels.shape[0] for im in images)
+    width = max(im.pixels.shape[1] for im in images)
+    pixels = _batch_buffer((len(images), height, width, 3))
+    out = pixels.numpy()
+    for b, im in enumerate(images):
+        h, w = im.pixels.shape[:2]
+        out[b, :h, :w] = im.pixels
+        out[b, h:] = 0
+        out[b, :h, w:] = 0
+    return {"image_pixels": pixels, "image_params": torch.from_numpy(np.stack([im.params for im in images]))}
+
+
+def _batch_buffer(shape: tuple[int, ...]) -> Tensor:
+    """An uninitialised uint8 tensor; in a DataLoader worker allocated in shared memory, as torch's own collate
+    does, so that handing the batch to the training process copies nothing more."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.empty(0, dtype=torch.uint8).untyped_storage()._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
+def bicubic_weights(start: Tensor, stop: Tensor, valid: Tensor, size: int, out: int) -> Tensor:
+    """PIL's antialiased bicubic resampling as matrices: ``(B, out, size)`` weights that map ``size`` input pixels
+    (the first ``valid`` of them real) to ``out`` output pixels covering ``[start, stop)``.
+
+    Output pixel ``k`` is centred at ``start + (k + 0.5) * scale`` with ``scale = (stop - start) / out``; when
+    shrinking (``scale > 1``) the kernel is stretched by ``scale``, which is PIL's antialiasing; weights are cut
+    to the real pixels and normalised to sum to one, as PIL does at the image border.
+    """
+    scale = ((stop - start) / out).unsqueeze(-1)  # (B, 1)
+    stretch = scale.clamp(min=1.0).unsqueeze(-1)  # (B, 1, 1)
+    centres = start.unsqueeze(-1) + (torch.arange(out, device=start.device, dtype=start.dtype) + 0.5) * scale
+    inputs = torch.arange(size, device=start.device, dtype=start.dtype) + 0.5
+    x = ((inputs.view(1, 1, -1) - centres.unsqueeze(-1)) / stretch).abs()  # (B, out, size)
+    a = -0.5
+    w = torch.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                    torch.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, torch.zeros_like(x)))
+    w = w * (inputs.view(1, 1, -1) < valid.view(-1, 1, 1))
+    return w / w.sum(-1, keepdim=True)
+
+
+def _gray(x: Tensor) -> Tensor:
+    r, g, b = x.unbind(1)
+    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+
+
+def color_jitter(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
+    """Brightness, contrast and saturation of ``x`` (B, 3, H, W) in [0, 1], each sample with its own
+    ``factors`` (B, 3) and ``order`` (B, 3) of op ids (0 brightness, 1 contrast, 2 saturation), with
+    torchvision's tensor formulas: a blend with black, with the mean grey level, or with the grey image, clamped
+    to [0, 1] after each. One pass per position in the order, every sample doing its own op there."""
+    for position in range(order.shape[1]):
+        op = order[:, position]
+        f = factors.gather(1, op.unsqueeze(1)).view(-1, 1, 1, 1)
+        grey = _gray(x)  # (B, 1, H, W)
+        mean = grey.mean(dim=(-2, -1), keepdim=True)
+        which = op.view(-1, 1, 1, 1)
+        ref = torch.where(which == 2, grey, torch.where(which == 1, mean, torch.zeros_like(mean)))
+        x = (f * x + (1 - f) * ref).clamp_(0, 1)
+    return x
+
+
+def augment_batch(pixels: Tensor, params: Tensor, img_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                  std: Sequence[float] = IMAGENET_STD, *, jitter: bool = True) -> Tensor:
+    """The device half of :class:`TrainAugment`: ``(B, H, W, 3)`` uint8 + ``(B, len(PARAMS))`` ->
+    normalised ``(B, 3, img_size, img_size)`` float32, on the device the inputs are on, in float32 whatever
+    autocast says. ``jitter=False`` skips the colour step (its factors are all 1 then)."""
+    device = pixels.device
+    with torch.autocast(device.type, enabled=False):
+        p = params.to(device=device, dtype=torch.float32)
+        c = _COL
+        t = p[:, c["transposed"]] > 0.5  # the stored first axis is the image's x
+        first = [torch.where(t, p[:, c[a]], p[:, c[b]]) for a, b in (("x0", "y0"), ("x1", "y1"), ("width", "height"))]
+        second = [torch.where(t, p[:, c[a]], p[:, c[b]]) for a, b in (("y0", "x0"), ("y1", "x1"), ("height", "width"))]
+        rows = bicubic_weights(*first, pixels.shape[1], img_size)  # (B, out, H stored)
+        cols = bicubic_weights(*second, pixels.shape[2], img_size)  # (B, out, W stored)
+        flip = p[:, c["flip"]] > 0.5  # reverses the image's x: the columns, or the rows of a transposed one
+        rows = torch.where((flip & t).view(-1, 1, 1), rows.flip(1), rows)
+        cols = torch.where((flip & ~t).view(-1, 1, 1), cols.flip(1), cols)
+        x = pixels.float()
+        x = torch.einsum("bqw,bhwc->bhqc", cols, x)  # columns first, as PIL does (for upright images)
+        x = torch.einsum("bph,bhqc->bcpq", rows, x)
+        x = torch.where(t.view(-1, 1, 1, 1), x.transpose(-1, -2), x)  # back upright
+        x = x.clamp(0, 255) / 255.0
+        if jitter:
+            x = color_jitter(x, p[:, c["brightness"]:c["saturation"] + 1],
+                             p[:, c["order0"]:c["order2"] + 1].round().long())
+        m = torch.tensor(mean, device=device, dtype=x.dtype).view(1, 3, 1, 1)
+        s = torch.tensor(std, device=device, dtype=x.dtype).view(1, 3, 1, 1)
+        return ((x - m) / s).contiguous()
+
+
+def finish_images(batch: dict[str, Any], augment: Any) -> dict[str, Any]:
+    """``batch`` with its deferred images (``"image_pixels"``, ``"image_params"``) augmented by ``augment``'s
+    device half into ``"image"``; a batch already holding ``"image"`` is returned as it is."""
+    if "image_pixels" not in batch:
+        return batch
+    batch = dict(batch)
+    batch["image"] = augment.on_device(batch.pop("image_pixels"), batch.pop("image_params"))
+    return batch
