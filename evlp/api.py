@@ -93,6 +93,7 @@ def load(path: str | os.PathLike[str], device: str | None = None) -> Encoder:
     if "model" not in raw:
         raise CheckpointError(f"{ckpt / CONFIG} has no 'model' section")
     cfg = from_dict(ModelConfig, raw["model"], where=f"{ckpt / CONFIG}")
+    cfg.image.patch_dropout = 0.0  # a pretraining setting: encoding and fine-tuning see every patch (FLIP)
     data = raw.get("data") or {}
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 

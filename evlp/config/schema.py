@@ -158,10 +158,15 @@ class ImageTowerConfig(ViTShape):
     ``model.text.unlocked_layers`` (transformer towers only)."""
     train_norms: bool = False
     """With a (partly) locked tower, its norm layers still train; as ``model.text.train_norms``."""
+    patch_dropout: float = 0.0
+    """FLIP's patch dropout: the fraction of patch tokens dropped at random in training (0.5: half the image
+    tower's cost); evaluation sees every token. ``train.unmasked_tail`` ends the schedule without it."""
 
     def validate(self, p: str = "model.image.") -> list[str]:
-        return self.shape_problems(p) + lock_problems(p, self.lock, self.unlocked_layers, self.train_norms,
-                                                      self.depth if self.name == "data2vec2" else None)
+        problems = [] if 0.0 <= self.patch_dropout < 1.0 else [
+            f"{p}patch_dropout: a fraction in [0, 1), got {self.patch_dropout}"]
+        return problems + self.shape_problems(p) + lock_problems(
+            p, self.lock, self.unlocked_layers, self.train_norms, self.depth if self.name == "data2vec2" else None)
 
 
 @dataclass
@@ -457,6 +462,9 @@ class TrainConfig:
     grad_checkpointing: bool = False
     """Recompute the transformer blocks' activations in the backward pass: much less activation memory (a larger
     batch per GPU) for about a third more compute."""
+    unmasked_tail: int = 0
+    """With ``model.image.patch_dropout``: the last this many optimizer steps train on every patch (FLIP's
+    unmasked tuning, which closes the gap between masked training and unmasked evaluation)."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """How a multi-process launch holds the model: ``ddp`` keeps all weights, gradients and optimizer state on
     every process; ``fsdp`` shards the three over the processes (FSDP2 through accelerate, one unit per transformer
@@ -482,6 +490,8 @@ class TrainConfig:
         _positive(problems, p, batch_size=self.batch_size, grad_accum=self.grad_accum, epochs=self.epochs,
                   max_steps=self.max_steps, log_every=self.log_every,
                   ckpt_every=self.ckpt_every, eval_every=self.eval_every)
+        if self.unmasked_tail < 0:
+            problems.append(f"{p}unmasked_tail: a number of steps >= 0, got {self.unmasked_tail}")
         if self.keep_checkpoints < 0:
             problems.append(f"{p}keep_checkpoints: must be >= 0, got {self.keep_checkpoints}")
         _positive(problems, p, global_batch_size=self.global_batch_size)

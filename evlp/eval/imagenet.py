@@ -102,7 +102,7 @@ def load_image_classifier(ckpt: str | Path, device: str | None = None) -> ImageC
     if "model" not in raw:
         raise CheckpointError(f"{path / CONFIG} has no model section; fine-tune one with `evlp finetune imagenet`")
     model_cfg = from_dict(ModelConfig, raw["model"], where=str(path / CONFIG))
-    tower = build_image_tower(dataclasses.replace(model_cfg.image, checkpoint=None))
+    tower = build_image_tower(dataclasses.replace(model_cfg.image, checkpoint=None, patch_dropout=0.0))
     model = load_weights_into(
         ImageClassifier(tower, int(head["num_classes"]), str(head["pool"]), frozen=bool(head["linear"])), path,
         device=device)

@@ -19,8 +19,26 @@ from evlp.errors import ConfigError
 from evlp.models.blocks import LN_EPS, PostLNBlock, run_blocks
 
 
+def keep_patches(x: Tensor, rate: float) -> Tensor:
+    """FLIP's patch dropout: a random ``1 - rate`` of the patch tokens of each sample, in their order.
+
+    Args:
+        x: (B, N, D) patch tokens (no prefix tokens).
+        rate: the fraction dropped, in [0, 1).
+
+    Returns:
+        (B, max(1, round(N * (1 - rate))), D); the choice comes from torch's generator of ``x``'s device, so it
+        is seeded and resumed with the run.
+    """
+    b, n, d = x.shape
+    keep = max(1, round(n * (1.0 - rate)))
+    idx = torch.rand(b, n, device=x.device).argsort(dim=1)[:, :keep].sort(dim=1).values  # (B, keep)
+    return x.gather(1, idx.unsqueeze(-1).expand(b, keep, d))
+
+
 class Data2Vec2ImageTower(nn.Module):
-    """``forward(pixels (B, 3, H, W)) -> tokens (B, 1 + N, width)``, CLS first."""
+    """``forward(pixels (B, 3, H, W)) -> tokens (B, 1 + N, width)``, CLS first; in training with
+    ``model.image.patch_dropout`` only a random share of the N patch tokens goes through the blocks."""
 
     num_prefix_tokens = 1
     """Leading output tokens that are not patches: the CLS."""
@@ -37,11 +55,18 @@ class Data2Vec2ImageTower(nn.Module):
         self.norm_pre = nn.LayerNorm(cfg.width, eps=LN_EPS)
         self.blocks = nn.Sequential(*[PostLNBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
         self.grad_checkpointing = False
+        self.patch_dropout = float(cfg.patch_dropout)
+        self.patch_dropout_on = True
+        """Switched off for the unmasked tail of a schedule (``train.unmasked_tail``); evaluation never drops."""
         self._init()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass (training only)."""
         self.grad_checkpointing = enable
+
+    def set_patch_dropout(self, on: bool) -> None:
+        """Drop patches in training (``model.image.patch_dropout``) or not (the unmasked tail)."""
+        self.patch_dropout_on = on
 
     @torch.no_grad()
     def _init(self) -> None:
@@ -54,6 +79,8 @@ class Data2Vec2ImageTower(nn.Module):
 
     def forward(self, pixels: Tensor) -> Tensor:
         x = self.patch_embed(pixels) + self.pos_embed  # (B, N, D)
+        if self.training and self.patch_dropout > 0 and self.patch_dropout_on:
+            x = keep_patches(x, self.patch_dropout)  # (B, N', D)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
         return run_blocks(self.blocks, self.norm_pre(x), self.grad_checkpointing and self.training)
 
@@ -96,13 +123,27 @@ class TimmImageTower(nn.Module):
         pretrained: use timm's pretrained weights (hub download; fails clearly offline).
     """
 
-    def __init__(self, name: str, img_size: int, pretrained: bool = False) -> None:
+    def __init__(self, name: str, img_size: int, pretrained: bool = False, patch_dropout: float = 0.0) -> None:
         super().__init__()
         self.model = create_timm_model(name, img_size, pretrained)
         self.timm_name, self.img_size = name, img_size
         self.width = int(self.model.num_features)
         self.has_cls = int(getattr(self.model, "num_prefix_tokens", 0)) > 0 and \
             getattr(self.model, "cls_token", None) is not None
+        self.patch_dropout = float(patch_dropout)
+        if self.patch_dropout > 0:
+            if getattr(self.model, "patch_drop", None) is None:
+                raise ConfigError(f"model.image.patch_dropout: timm model '{name}' has no patch tokens to drop "
+                                  "(a ViT-style model has); set model.image.patch_dropout=0")
+            from timm.layers import PatchDropout
+
+            self.model.patch_drop = PatchDropout(self.patch_dropout,
+                                                 num_prefix_tokens=int(getattr(self.model, "num_prefix_tokens", 1)))
+
+    def set_patch_dropout(self, on: bool) -> None:
+        """Drop patches in training (``model.image.patch_dropout``, timm's own ``PatchDropout``) or not."""
+        if self.patch_dropout > 0:
+            self.model.patch_drop.prob = self.patch_dropout if on else 0.0
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -193,7 +234,7 @@ def build_image_tower(cfg: ImageTowerConfig, *, weights: Path | None = None, hub
 
             load_data2vec2_image(tower, weights, cfg.depth)
         return tower
-    tower = TimmImageTower(cfg.name, cfg.img_size, pretrained=hub)
+    tower = TimmImageTower(cfg.name, cfg.img_size, pretrained=hub, patch_dropout=cfg.patch_dropout)
     if weights is not None:
         from evlp.models.convert import load_timm_weights
 

@@ -276,6 +276,7 @@ class _Run:
                 raise _DataStopped from None
             raise
         batch = self.task.on_device(batch)
+        self.task.before_step(acc.unwrap_model(module), self.step, self.total)
         with acc.accumulate(module):
             with acc.autocast():
                 loss, metrics = self.task.training_step(module, batch, self.dist)

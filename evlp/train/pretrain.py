@@ -159,6 +159,10 @@ class PretrainTask(Task):
     def on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return finish_images(batch, self.train_transform)
 
+    def before_step(self, module: nn.Module, step: int, total: int) -> None:
+        if self.cfg.model.image.patch_dropout > 0:  # FLIP: masked, then the unmasked tail
+            module.student.image.set_patch_dropout(step < total - self.cfg.train.unmasked_tail)
+
     # ------------------------------------------------------------------ loss
     def training_step(self, module: nn.Module, batch: dict[str, Any], dist: DistInfo
                       ) -> tuple[Tensor, dict[str, Tensor]]:

@@ -78,6 +78,10 @@ class Task:
         layer-wise LR decay; None (the default) uses :func:`evlp.train.optim.param_groups`."""
         return None
 
+    def before_step(self, module: nn.Module, step: int, total: int) -> None:
+        """Called before every micro-batch with the unwrapped module, the optimizer steps done so far and the
+        schedule's total (e.g. to end patch dropout for the unmasked tail)."""
+
     def on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Finish a batch once it is on the training device, before the step (e.g. the batched augmentation of
         evlp.data.device_augment); runs outside autocast. The default returns it unchanged."""
