@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from evlp.data.transforms import IMAGENET_MEAN, IMAGENET_STD, as_rgb, draft_scale, undecoded_jpeg
+from evlp.data.transforms import IMAGENET_MEAN, IMAGENET_STD, as_rgb, draft_for
 
 # one row of parameters per image: the height and width of its pixels, the crop box in those pixels (sub-pixel),
 # the flip, the brightness / contrast / saturation factors (1 = unchanged), the order in which the three are
@@ -114,13 +114,7 @@ class TrainAugment:
     def __call__(self, img: Image.Image) -> DeferredImage:
         (i, j, h, w), flip, factors, order = self.draw(img)
         out = self.img_size
-        s = 1
-        if undecoded_jpeg(img):
-            s = draft_scale((w, h), (out, out))
-            if s > 1:
-                full_w = img.size[0]
-                drafted = img.draft("RGB", (full_w // s, img.size[1] // s))
-                s = round(full_w / drafted[1][2]) if drafted is not None else 1
+        s = draft_for(img, (w, h), (out, out))
         img = as_rgb(img)
         if s == 1:  # as torchvision's resized_crop: the kernel sees only the box
             left, top, right, bottom = j, i, j + w, i + h

@@ -40,6 +40,22 @@ def draft_scale(crop: tuple[int, int], out: tuple[int, int]) -> int:
     return 1
 
 
+def draft_for(img: Image.Image, crop: tuple[int, int], out: tuple[int, int]) -> int:
+    """Set an undecoded JPEG to decode at the largest reduction under which ``crop`` (width, height, in
+    full-resolution pixels) still covers ``out`` (:func:`draft_scale`); returns the scale libjpeg chose (1: none,
+    also for images that are decoded already or cannot be drafted)."""
+    if not undecoded_jpeg(img):
+        return 1
+    s = draft_scale(crop, out)
+    if s == 1:
+        return 1
+    full_w, full_h = img.size
+    drafted = img.draft("RGB", (full_w // s, full_h // s))
+    # draft returns the full image's extent in reduced pixels, (0, 0, W / s', H / s'), for the scale s' it chose;
+    # None when the file cannot be drafted (then it decodes in full)
+    return round(full_w / drafted[1][2]) if drafted is not None else 1
+
+
 def undecoded_jpeg(img: Image.Image) -> bool:
     """True for an RGB JPEG whose pixels have not been decoded yet (draft is still possible)."""
     return (img.format == "JPEG" and img.mode == "RGB" and len(getattr(img, "tile", ())) == 1
@@ -71,13 +87,7 @@ class RandomResizedCropAndInterpolation:
 
         i, j, h, w = crop.get_params(img, crop.scale, crop.ratio)  # full-resolution box, as timm draws it
         out_h, out_w = crop.size
-        s = draft_scale((w, h), (out_w, out_h))
-        if s > 1:
-            full_w, full_h = img.size
-            drafted = img.draft("RGB", (full_w // s, full_h // s))
-            # draft returns the full image's extent in reduced pixels, (0, 0, W / s', H / s'), for the scale s'
-            # it chose; None when the file cannot be drafted (then it decodes in full)
-            s = round(full_w / drafted[1][2]) if drafted is not None else 1
+        s = draft_for(img, (w, h), (out_w, out_h))
         if s == 1:
             return F.resized_crop(img, i, j, h, w, [out_h, out_w], crop.interpolation)
         resample = F.pil_modes_mapping.get(crop.interpolation, crop.interpolation)
