@@ -24,13 +24,13 @@ from evlp.errors import CheckpointError
 
 @dataclass
 class Encoder:
-    """A loaded S-SMKE student with its tokenizer and eval transform.
+    """A loaded model (an S-SMKE student, a dual encoder ...) with its tokenizer and eval transform.
 
-    ``encode_image`` / ``encode_text`` return L2-normalised shared-block CLS embeddings (N, D), the
-    features used for retrieval and zero-shot classification.
+    ``encode_image`` / ``encode_text`` return L2-normalised embeddings (N, D) (S-SMKE: the shared block's CLS),
+    the features used for retrieval and zero-shot classification.
     """
 
-    model: Any  # evlp.models.SSMKE
+    model: Any  # evlp.models.SSMKE or evlp.models.dual.DualEncoder
     tokenizer: Any  # evlp.data.tokenize.CaptionTokenizer
     transform: Callable[[Any], Any]
     config: ModelConfig
@@ -50,7 +50,7 @@ class Encoder:
             chunk = images[i:i + batch_size]
             pixels = torch.stack([im if torch.is_tensor(im) else self.transform(im.convert("RGB")) for im in chunk])
             out.append(self.encode_pixels(pixels))
-        return torch.cat(out) if out else torch.empty(0, self.config.shared.width)
+        return torch.cat(out) if out else torch.empty(0, self.config.embed_width)
 
     def encode_pixels(self, pixels: Any) -> Any:
         """Transformed pixel batch (B, 3, H, W) -> (B, D) embeddings."""
@@ -69,7 +69,7 @@ class Encoder:
                 enc = self.tokenizer(list(texts[i:i + batch_size]))
                 x = self.model.encode_text(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
                 out.append(x["x"].float().cpu())
-        return torch.cat(out) if out else torch.empty(0, self.config.shared.width)
+        return torch.cat(out) if out else torch.empty(0, self.config.embed_width)
 
 
 def load(path: str | os.PathLike[str], device: str | None = None) -> Encoder:
@@ -87,13 +87,14 @@ def load(path: str | os.PathLike[str], device: str | None = None) -> Encoder:
     from evlp.data.tokenize import CaptionTokenizer, load_tokenizer
     from evlp.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
     from evlp.models import build_model
+    from evlp.models.image import without_training_only
 
     ckpt = find_checkpoint(path)
     raw = read_yaml(ckpt / CONFIG)
     if "model" not in raw:
         raise CheckpointError(f"{ckpt / CONFIG} has no 'model' section")
     cfg = from_dict(ModelConfig, raw["model"], where=f"{ckpt / CONFIG}")
-    cfg.image.patch_dropout = 0.0  # a pretraining setting: encoding and fine-tuning see every patch (FLIP)
+    cfg.image = without_training_only(cfg.image)  # no FLIP/ELIP: encoding and fine-tuning see every patch
     data = raw.get("data") or {}
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -112,8 +112,9 @@ def run_summary(result: Any) -> None:
 def retrieval_table(result: Any) -> None:
     """TR/IR R@K table of a :class:`~evlp.eval.runner.RetrievalResult`."""
     m = result.metrics
-    t = Table(title=f"retrieval · {result.dataset} {result.split} · {result.details['n_images']:,} images / "
-                    f"{result.details['n_texts']:,} captions", title_justify="left")
+    ranking = str(result.protocol.get("ranking", "dual encoder")).split(":")[0]  # the protocol: never mixed up
+    t = Table(title=f"retrieval · {ranking} · {result.dataset} {result.split} · {result.details['n_images']:,} "
+                    f"images / {result.details['n_texts']:,} captions", title_justify="left")
     t.add_column("direction")
     for k in ("R@1", "R@5", "R@10"):
         t.add_column(k, justify="right")

@@ -28,12 +28,15 @@ def retrieval(
     batch_size: int = typer.Option(128, "--batch-size", min=1),
     num_workers: int = typer.Option(2, "--num-workers", min=0),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    rerank: int = typer.Option(0, "--rerank", min=0, metavar="K",
+                               help="Also re-rank each query's ITC top-K with the model's ITM head (EVE): a "
+                                    "separate RR@K result beside the dual-encoder one."),
 ) -> None:
     """Image-text retrieval, Karpathy protocol: TR@1/5/10, IR@1/5/10, RSUM (each image encoded once)."""
-    from evlp.eval.runner import RetrievalEvalConfig, evaluate_retrieval
+    from evlp.eval.runner import RetrievalEvalConfig, evaluate_retrieval_all
     from evlp_cli import _render
 
-    result = evaluate_retrieval(
+    results = evaluate_retrieval_all(
         RetrievalEvalConfig(
             ckpt=str(ckpt),
             data=str(resolve_data(data, root)),
@@ -43,10 +46,12 @@ def retrieval(
             batch_size=batch_size,
             num_workers=num_workers,
             device=device,
+            rerank=rerank,
         )
     )
     if is_main():
-        _render.evaluation(result)
+        for result in results:
+            _render.evaluation(result)
 
 
 @app.command("zeroshot")

@@ -88,5 +88,6 @@ def retrieval(
     stop_after: Optional[int] = STOP_AFTER,
     overrides: Optional[list[str]] = OVERRIDES,
 ) -> None:
-    """COCO / Flickr30K retrieval fine-tuning: CLIP ITC on x, best checkpoint by val mean recall, test R@K."""
+    """COCO / Flickr30K retrieval fine-tuning: CLIP ITC on x (EVE: ITC + ITM, test also re-ranked, RR@rerank_k),
+    best checkpoint by val mean recall, test R@K."""
     _run("retrieval", config, overrides, resume, stop_after, ckpt=ckpt, data=data, root=root, out=out)

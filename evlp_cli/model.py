@@ -1,4 +1,4 @@
-"""``evlp model list|info`` and ``evlp export``."""
+"""``evlp model list|info|import-eve`` and ``evlp export``."""
 
 from __future__ import annotations
 
@@ -35,6 +35,28 @@ def info(
     from evlp_cli import _render
 
     _render.model_info(model_info(model_config(name, **parse_overrides(overrides or []))), as_json)
+
+
+@app.command("import-eve")
+def import_eve(
+    file: Path = typer.Argument(..., help="The released EVE checkpoint (github ssyze/EVE; .pth or .safetensors)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The new evlp model folder."),
+    tokenizer: str = typer.Option(..., "--tokenizer", help="The tokenizer the weights were trained with: the "
+                                  "release's BPE tokenizer folder."),
+    model: str = typer.Option("eve_base", "--model", autocompletion=complete_models,
+                              help="The preset the settings start from (sizes the file fixes are read from it)."),
+    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
+                                                    help="Model overrides, e.g. eve.num_heads=16 for EVE-Large."),
+) -> None:
+    """Convert the authors' released EVE weights into an evlp model for `evlp eval retrieval` / `finetune`."""
+    from evlp.config.loader import parse_overrides
+    from evlp.models.convert_eve import import_eve as convert
+    from evlp_cli import _render
+
+    res = convert(file, out, tokenizer=tokenizer, model=model, overrides=parse_overrides(overrides or []))
+    _render.info(f"converted {file} into {res.path}: {len(res.ignored)} released tensors ignored "
+                 f"({', '.join(sorted(res.ignored)) or 'none'}); {len(res.fresh)} evlp-only tensors keep their init")
+    _render.out.print(str(res.path), highlight=False)
 
 
 def export(

@@ -148,7 +148,8 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
     from evlp.train.loop import to_device
     from evlp.train.optim import build_optimizer, peak_lr
     from evlp.data.teacher_cache import StandInTargets
-    from evlp.train.pretrain import PretrainTask, cached_teacher_targets
+    from evlp.train.grad_cache import check_grad_cache, grad_cache_step, split_batch
+    from evlp.train.pretrain import cached_teacher_targets, pretrain_task_class
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = cfg.train.precision
@@ -175,7 +176,7 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
                 targets_kind = "cache"
             except DataNotFoundError:  # no cache yet: stand-in targets of the same shape, the same loss work
                 targets, targets_kind = StandInTargets(cfg.model.target_dim), "stand-in"
-        task = PretrainTask(cfg, pretrained=False, teacher_targets=targets)
+        task = pretrain_task_class(cfg.model)(cfg, pretrained=False, teacher_targets=targets)
         module = task.build_module().to(dev)
         task.to(dev)
         module.train()
@@ -188,34 +189,63 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
 
         flop_batch = task.on_device(to_device(next(batches), dev))
 
-        def one_step() -> None:
-            with autocast:
-                loss, _ = task.training_step(module, flop_batch, dist)
-            loss.backward()
-            module.zero_grad(set_to_none=True)
+        check_grad_cache(task, cfg.train.grad_cache, batch)
 
-        flops = count_flops(one_step)  # the model's FLOPs: before compiling, without checkpointing's recompute
-        place_module(module, dev, grad_checkpointing=cfg.train.grad_checkpointing,  # as in training
-                     compile_backend=cfg.train.compile_backend if cfg.train.compile else None)
-        optimizer = build_optimizer(module, cfg.optim, peak_lr(cfg.optim, batch), device=dev)
-        teacher = _PhaseTimer(task.teacher, dev) if task.teacher is not None else None
-        student = _PhaseTimer(module.student, dev)
-
-        def step(b: dict[str, Any]) -> tuple[float, float, float]:
-            """forward (incl. loss), backward, optimizer seconds (device synchronised)"""
+        def forward_backward(b: dict[str, Any]) -> float:
+            """The step's forward and loss, then its backward (GradCache's chunked passes with
+            ``train.grad_cache``); returns the seconds before the backward (all of them with GradCache)."""
             t0 = time.perf_counter()
+            if cfg.train.grad_cache > 1:
+                spent = [0.0]
+
+                def timed_backward(surrogate: torch.Tensor) -> None:
+                    sync(dev)
+                    t = time.perf_counter()
+                    surrogate.backward()
+                    sync(dev)
+                    spent[0] += time.perf_counter() - t
+
+                grad_cache_step(task, module, b, dist, chunks=cfg.train.grad_cache, backward=timed_backward,
+                                autocast=lambda: autocast)
+                sync(dev)
+                return time.perf_counter() - t0 - spent[0]  # both forward passes and the loss
             with autocast:
                 loss, _ = task.training_step(module, b, dist)
             sync(dev)
             t1 = time.perf_counter()
             loss.backward()
+            return t1 - t0
+
+        chunks = cfg.train.grad_cache
+
+        def one_step() -> None:
+            """A plain step; with GradCache one chunk's (the memory of one chunk, the model's FLOPs without the
+            extra forward pass: the MFU counts useful work only)."""
+            with autocast:
+                loss, _ = task.training_step(module, split_batch(flop_batch, chunks)[0] if chunks > 1 else flop_batch,
+                                             dist)
+            loss.backward()
+            module.zero_grad(set_to_none=True)
+
+        # the model's FLOPs: before compiling, without checkpointing's recompute or GradCache's extra forward
+        flops = count_flops(one_step) * chunks
+        place_module(module, dev, grad_checkpointing=cfg.train.grad_checkpointing,  # as in training
+                     compile_backend=cfg.train.compile_backend if cfg.train.compile else None)
+        optimizer = build_optimizer(module, cfg.optim, peak_lr(cfg.optim, batch), device=dev)
+        teacher = _PhaseTimer(task.teacher, dev) if task.teacher is not None else None
+        student = _PhaseTimer(getattr(module, "student", module), dev)
+
+        def step(b: dict[str, Any]) -> tuple[float, float, float]:
+            """forward (incl. loss), backward, optimizer seconds (device synchronised)"""
+            t0 = time.perf_counter()
+            fwd = forward_backward(b)
             sync(dev)
             t2 = time.perf_counter()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            module.student.clamp_logit_scales()
+            task.after_optimizer_step(module)
             sync(dev)
-            return t1 - t0, t2 - t1, time.perf_counter() - t2
+            return fwd, t2 - t0 - fwd, time.perf_counter() - t2
 
         for _ in range(warmup):
             step(task.on_device(to_device(next(batches), dev)))
@@ -258,6 +288,7 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
         "synthetic_data": bool(synthetic_data), "teacher": task.teacher is not None,
         "cached_teacher_targets": targets_kind,
         "compile": cfg.train.compile, "grad_checkpointing": cfg.train.grad_checkpointing,
+        "grad_cache": cfg.train.grad_cache,
         "samples_per_s": batch / step_s, "step_s": step_s, "step_s_all": step_times,
         "breakdown_s": {k: statistics.median(v) for k, v in phases.items()},
         "model_flops_per_step": flops, "model_flops_per_sample": flops / batch,

@@ -161,12 +161,54 @@ class ImageTowerConfig(ViTShape):
     patch_dropout: float = 0.0
     """FLIP's patch dropout: the fraction of patch tokens dropped at random in training (0.5: half the image
     tower's cost); evaluation sees every token. ``train.unmasked_tail`` ends the schedule without it."""
+    prune_layers: list[int] = field(default_factory=list)
+    """ELIP's token pruning: before each of these blocks (0-based, strictly increasing, in [1, depth-1]) keep
+    the patch tokens the CLS attends to most and merge the others into one token; training only, evaluation
+    sees every token. Empty: off. S-SMKE (6 layers): ``[2, 4]``."""
+    prune_keep: list[float] = field(default_factory=list)
+    """The patch tokens kept at each of ``prune_layers``, as a fraction of those entering the tower's first
+    block (after ``patch_dropout``), each in (0, 1] and non-increasing. S-SMKE: ``[0.8, 0.55]``."""
+    prune_text_guidance: float = 0.0
+    """Weight g of the caption's (detached) text-tower CLS in the pruning query: (1-g) image CLS + g text CLS
+    (ELIP: 0.2); needs the text tower as wide as the image tower. 0: the image CLS alone."""
 
     def validate(self, p: str = "model.image.") -> list[str]:
         problems = [] if 0.0 <= self.patch_dropout < 1.0 else [
             f"{p}patch_dropout: a fraction in [0, 1), got {self.patch_dropout}"]
+        problems += self._prune_problems(p)
         return problems + self.shape_problems(p) + lock_problems(
             p, self.lock, self.unlocked_layers, self.train_norms, self.depth if self.name == "data2vec2" else None)
+
+    def _prune_problems(self, p: str) -> list[str]:
+        """Checks of the ELIP token-pruning fields (the block range is checked here for data2vec2 towers, at
+        build time for timm models, whose depth the config does not hold)."""
+        from itertools import pairwise
+
+        layers, keep, problems = list(self.prune_layers), list(self.prune_keep), []
+        if len(layers) != len(keep):
+            problems.append(f"{p}prune_keep: one keep fraction per prune layer, got {len(keep)} for "
+                            f"prune_layers={layers}")
+        if any(b <= a for a, b in pairwise(layers)):
+            problems.append(f"{p}prune_layers: block indices must be strictly increasing, got {layers}")
+        last = self.depth - 1 if self.name == "data2vec2" else None
+        if any(i < 1 or (last is not None and i > last) for i in layers):
+            problems.append(f"{p}prune_layers: block indices in [1, {last if last is not None else 'depth-1'}] "
+                            f"(before block 0 the CLS has not looked at the image yet), got {layers}")
+        if any(not 0.0 < k <= 1.0 for k in keep):
+            problems.append(f"{p}prune_keep: fractions in (0, 1], got {keep}")
+        elif any(b > a for a, b in pairwise(keep)):
+            problems.append(f"{p}prune_keep: must not increase from one prune layer to the next, got {keep}")
+        if not 0.0 <= self.prune_text_guidance <= 1.0:
+            problems.append(f"{p}prune_text_guidance: a weight in [0, 1], got {self.prune_text_guidance}")
+        elif self.prune_text_guidance > 0 and not layers:
+            problems.append(f"{p}prune_text_guidance: {self.prune_text_guidance} has nothing to guide; set "
+                            f"{p}prune_layers and {p}prune_keep, or leave it 0")
+        fully_locked = (self.lock or self.unlocked_layers is not None) and not self.unlocked_layers \
+            and not self.train_norms
+        if layers and fully_locked:
+            problems.append(f"{p}prune_layers: a fully locked image tower runs in eval mode on every token; "
+                            f"unlock some of it or set {p}prune_layers=[]")
+        return problems
 
 
 @dataclass
@@ -222,28 +264,129 @@ class TeacherConfig(ViTShape):
 
 
 @dataclass
+class EveConfig:
+    """EVE's shared encoder (``model.arch: eve``): its sizes, the sparse MoE of its top layers and its masked
+    signal pretraining. Image size and patch come from ``model.image``; vocabulary, text positions, caption
+    length, tokenizer and text-embedding dropout from ``model.text``. Defaults: the released EVE-Base."""
+
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    """FFN width / width (3072 for EVE-Base), in every FFN and every expert."""
+    layer_scale_init: float = 0.1
+    drop_path: float = 0.1
+    """Stochastic depth of the last block (0 at the first, linear in between)."""
+    moe_layers: list[int] = field(default_factory=lambda: [10, 11])
+    """Blocks (0-based) whose FFN is the sparse MoE; the others route by modality (an image and a text FFN)."""
+    num_experts: int = 32
+    top_k: int = 2
+    capacity_factor: float = 1.0
+    """Slots per expert while training: ``max(min_capacity, ceil(capacity_factor * tokens * top_k / experts))``;
+    assignments past them are dropped (the token keeps its residual)."""
+    eval_capacity_factor: float | None = None
+    """The same in evaluation; None: nothing dropped, so an embedding never depends on the rest of its batch (the
+    released code uses 1.0)."""
+    min_capacity: int = 4
+    aux_loss_weight: float = 1.0e-3
+    """Weight of the MoE load-balancing loss (the mean over MoE layers) in the pretraining loss."""
+    router_type_vector: bool = True
+    """Add a learned image/text type vector to each token's router input (EVE's modality-aware routing)."""
+    type_vector_to_experts: bool = False
+    """Also add it to the experts' input, as the released code does (EVE's paper: the router input only)."""
+    noisy_second_expert: bool = True
+    """Draw the second expert Gumbel-max from the router logits while training (the released gate); false: the
+    second most probable one."""
+    image_mask_ratio: float = 0.75
+    """Fraction of the patches hidden from the encoder (MAE's uniform random masking) whose pixels are predicted."""
+    text_mask_ratio: float = 0.5
+    """Fraction of each caption's tokens ([CLS], [SEP] and padding excluded; at least one) replaced by [MASK] and
+    predicted."""
+    decoder_depth: int = 2
+    """Blocks of the light pixel decoder (MAE-style, pretraining only)."""
+    decoder_width: int = 512
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True
+    """Predict each patch's pixels normalised by their own mean and variance (MAE's better target)."""
+
+    def validate(self, p: str = "model.eve.", model: ModelConfig | None = None) -> list[str]:
+        problems: list[str] = []
+        _positive(problems, p, width=self.width, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                  num_experts=self.num_experts, top_k=self.top_k, capacity_factor=self.capacity_factor,
+                  eval_capacity_factor=self.eval_capacity_factor, min_capacity=self.min_capacity,
+                  decoder_depth=self.decoder_depth, decoder_width=self.decoder_width,
+                  decoder_heads=self.decoder_heads)
+        _divides(problems, p, "width", self.width, "num_heads", self.num_heads)
+        _divides(problems, p, "decoder_width", self.decoder_width, "decoder_heads", self.decoder_heads)
+        if self.top_k > self.num_experts > 0:
+            problems.append(f"{p}top_k: {self.top_k} experts per token but only {self.num_experts} experts")
+        bad = [i for i in self.moe_layers if not 0 <= i < self.depth]
+        if bad or len(set(self.moe_layers)) != len(self.moe_layers):
+            problems.append(f"{p}moe_layers: distinct block indices in [0, {self.depth - 1}], got {self.moe_layers}")
+        if not 0.0 <= self.drop_path < 1.0:
+            problems.append(f"{p}drop_path: must be in [0, 1), got {self.drop_path}")
+        if self.aux_loss_weight < 0:
+            problems.append(f"{p}aux_loss_weight: must be >= 0, got {self.aux_loss_weight}")
+        if not 0.0 < self.image_mask_ratio < 1.0:
+            problems.append(f"{p}image_mask_ratio: a fraction in (0, 1), got {self.image_mask_ratio}")
+        if not 0.0 <= self.text_mask_ratio < 1.0:
+            problems.append(f"{p}text_mask_ratio: a fraction in [0, 1) (0 = no masked language modeling), got "
+                            f"{self.text_mask_ratio}")
+        if model is not None and model.arch == "eve":
+            n = (model.image.img_size // model.image.patch_size) ** 2
+            if n and 0.0 < self.image_mask_ratio < 1.0 and int(n * (1 - self.image_mask_ratio)) < 1:
+                problems.append(f"{p}image_mask_ratio: {self.image_mask_ratio} leaves no visible patch of {n}; "
+                                "lower it")
+            if model.teacher.enabled:
+                problems.append(f"{p[:-4]}teacher.enabled: EVE pretrains without a teacher; set "
+                                f"{p[:-4]}teacher.enabled=false")
+        return problems
+
+
+@dataclass
 class ModelConfig:
     """The S-SMKE student and its teacher. ``name`` picks a preset that the other keys adjust."""
 
     __presets__: ClassVar = staticmethod(model_preset)
 
     name: str = "s_smke"
+    arch: Literal["s_smke", "dual", "eve"] = "s_smke"
+    """The model family: ``s_smke`` (two towers joined by a shared block), ``dual`` (a plain dual encoder, the
+    ZeroVL recipe) or ``eve`` (one multiway encoder with a modality-aware MoE). Presets set it."""
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     shared: SharedBlockConfig = field(default_factory=SharedBlockConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    eve: EveConfig = field(default_factory=EveConfig)
+    """``arch: eve``: the shared encoder, its MoE and its masked signal pretraining."""
     tte_scale_init: float = 1e-5
     """Init of the LayerScale shared by both token-type embeddings."""
     init_temperature: float = 0.07
     """Initial temperature of both ITC logit scales (scale = 1/T)."""
     max_logit_scale: float = 100.0
     """ITC logit scales are clamped to [1, this] after every optimizer step."""
+    learnable_temperature: bool = True
+    """Learn the ITC temperature (starting at ``init_temperature``), or keep it fixed at ``init_temperature``
+    (ZeroVL's constant 0.02: a buffer, not a parameter; ``arch: dual`` only)."""
+    embed_dim: int = 512
+    """``arch: dual``: the width of the image and text embeddings, each tower's CLS projected to it by a linear
+    map without bias (ZeroVL's 512)."""
 
     def validate(self, p: str = "model.") -> list[str]:
         problems = (self.text.validate(p + "text.") + self.image.validate(p + "image.")
-                    + self.shared.validate(p + "shared.") + self.teacher.validate(p + "teacher."))
+                    + self.shared.validate(p + "shared.") + self.teacher.validate(p + "teacher.")
+                    + self.eve.validate(p + "eve.", self))
         _positive(problems, p, tte_scale_init=self.tte_scale_init, init_temperature=self.init_temperature,
-                  max_logit_scale=self.max_logit_scale)
+                  max_logit_scale=self.max_logit_scale, embed_dim=self.embed_dim)
+        if not self.learnable_temperature and self.arch != "dual":
+            problems.append(f"{p}learnable_temperature=false: only the dual encoder (model.arch=dual) has a fixed "
+                            f"temperature; {self.arch} learns its own, drop the setting")
+        if self.arch != "s_smke" and self.image.prune_text_guidance > 0:
+            problems.append(f"{p}image.prune_text_guidance={self.image.prune_text_guidance}: only S-SMKE hands the "
+                            f"caption's text CLS to its image tower; set it to 0 for model.arch={self.arch}")
+        if self.arch == "dual" and self.teacher.enabled:
+            problems.append(f"{p}teacher.enabled: the dual encoder (model.arch=dual) has no KD head; set "
+                            f"{p}teacher.enabled=false")
         if self.teacher.enabled and self.teacher.name != "clip" and self.teacher.img_size != self.image.img_size:
             problems.append(f"{p}teacher.img_size {self.teacher.img_size} differs from image.img_size "
                             f"{self.image.img_size}; the teacher sees the student's augmented image")
@@ -253,6 +396,14 @@ class ModelConfig:
     def target_dim(self) -> int:
         """Width of the KD head output: the teacher's width (the shared width without a teacher)."""
         return self.teacher.width if self.teacher.enabled else self.shared.width
+
+    @property
+    def embed_width(self) -> int:
+        """Width of the embeddings ``encode_image`` / ``encode_text`` return: ``embed_dim`` for the dual encoder,
+        EVE's width, the shared block's width for S-SMKE."""
+        if self.arch == "eve":
+            return self.eve.width
+        return self.embed_dim if self.arch == "dual" else self.shared.width
 
 
 @dataclass
@@ -276,6 +427,10 @@ class LossConfig:
     """With ``itc=sigmoid``: the initial scale t of both levels (SigLIP's 10; replaces 1/model.init_temperature)."""
     sigmoid_init_bias: float = -10.0
     """With ``itc=sigmoid``: the initial bias b of both levels (SigLIP's -10: most pairs are negatives)."""
+    mixup_beta: float = 0.0
+    """ZeroVL's coin-flip mixup (``model.arch: dual``): each micro-batch a fair coin mixes either its images or its
+    projected text embeddings with the same batch in reverse order, ``lambda ~ Beta(mixup_beta, mixup_beta)``,
+    and the ITC targets become lambda on the pair and 1 - lambda on the reversed partner. 0: off (ZeroVL: 0.1)."""
 
     def validate(self, p: str = "loss.") -> list[str]:
         problems: list[str] = []
@@ -286,6 +441,8 @@ class LossConfig:
             problems.append(f"{p}kd_weight and itc_weight are both 0: nothing to train")
         if self.memory_bank_size < 0:
             problems.append(f"{p}memory_bank_size: must be >= 0, got {self.memory_bank_size}")
+        if not 0 <= self.mixup_beta < float("inf"):
+            problems.append(f"{p}mixup_beta: must be >= 0 (0 = no mixup; ZeroVL's 0.1), got {self.mixup_beta}")
         return problems
 
 
@@ -462,6 +619,11 @@ class TrainConfig:
     grad_checkpointing: bool = False
     """Recompute the transformer blocks' activations in the backward pass: much less activation memory (a larger
     batch per GPU) for about a third more compute."""
+    grad_cache: int = 1
+    """Decoupled contrastive accumulation (GradCache, ZeroVL's DGA): split each micro-batch into this many chunks
+    that run one at a time, so the contrastive loss sees the whole ``train.batch_size`` per process in the
+    activation memory of one chunk, for about one extra forward pass. 1: off. Unlike ``train.grad_accum``, the
+    gradients equal those of the whole batch (every sample is every other's negative)."""
     unmasked_tail: int = 0
     """With ``model.image.patch_dropout``: the last this many optimizer steps train on every patch (FLIP's
     unmasked tuning, which closes the gap between masked training and unmasked evaluation)."""
@@ -487,7 +649,8 @@ class TrainConfig:
 
     def validate(self, p: str = "train.") -> list[str]:
         problems: list[str] = []
-        _positive(problems, p, batch_size=self.batch_size, grad_accum=self.grad_accum, epochs=self.epochs,
+        _positive(problems, p, batch_size=self.batch_size, grad_accum=self.grad_accum, grad_cache=self.grad_cache,
+                  epochs=self.epochs,
                   max_steps=self.max_steps, log_every=self.log_every,
                   ckpt_every=self.ckpt_every, eval_every=self.eval_every)
         if self.unmasked_tail < 0:
@@ -534,7 +697,10 @@ class PretrainConfig:
     def validate(self) -> list[str]:
         problems = (self.paths.validate() + self.model.validate() + self.loss.validate() + self.data.validate()
                     + self.optim.validate() + self.train.validate())
-        if not self.model.teacher.enabled and self.loss.kd_weight > 0:
+        if self.model.arch == "s_smke" and not self.model.teacher.enabled and self.loss.kd_weight > 0:
             problems.append("loss.kd_weight > 0 needs model.teacher.enabled=true "
                             "(or set loss.kd_weight=0 to train with ITC only)")
+        if self.loss.mixup_beta > 0 and self.model.arch != "dual":
+            problems.append(f"loss.mixup_beta={self.loss.mixup_beta}: ZeroVL's mixup trains the dual encoder "
+                            f"(model.arch=dual), not {self.model.arch}; set loss.mixup_beta=0")
         return problems

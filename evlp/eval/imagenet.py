@@ -95,14 +95,14 @@ def load_image_classifier(ckpt: str | Path, device: str | None = None) -> ImageC
     Raises:
         CheckpointError: not an ImageNet fine-tuning checkpoint, or its weights do not fit.
     """
-    from evlp.models.image import build_image_tower
+    from evlp.models.image import build_image_tower, without_training_only
 
     path, raw, head = read_task_checkpoint(ckpt, lambda h: h.get("task") == TASK, "an ImageNet fine-tuning",
                                            "evlp finetune imagenet")
     if "model" not in raw:
         raise CheckpointError(f"{path / CONFIG} has no model section; fine-tune one with `evlp finetune imagenet`")
     model_cfg = from_dict(ModelConfig, raw["model"], where=str(path / CONFIG))
-    tower = build_image_tower(dataclasses.replace(model_cfg.image, checkpoint=None, patch_dropout=0.0))
+    tower = build_image_tower(without_training_only(dataclasses.replace(model_cfg.image, checkpoint=None)))
     model = load_weights_into(
         ImageClassifier(tower, int(head["num_classes"]), str(head["pool"]), frozen=bool(head["linear"])), path,
         device=device)

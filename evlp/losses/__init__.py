@@ -1,5 +1,5 @@
-"""Pretraining losses: CLIP ITC (softmax or SigLIP's sigmoid), contrastive KD with a memory bank, and their
-weighted sum.
+"""Pretraining losses: CLIP ITC (softmax or SigLIP's sigmoid, and ZeroVL's mixup with soft targets), contrastive
+KD with a memory bank, and their weighted sum; ITM with hard negatives for fusion models' retrieval fine-tuning.
 
 Every loss takes ``rank`` and ``world_size`` explicitly (read them once with
 :func:`evlp.dist.dist_info`); cross-rank gathers live in :mod:`evlp.dist`.
@@ -13,16 +13,27 @@ import torch
 from torch import Tensor
 
 from evlp.losses.clip import ClipLossOutput, clip_loss
+from evlp.losses.itm import ItmLossOutput, ItmNegatives, gather_negatives, itm_loss, sample_hard_negatives
 from evlp.losses.kd import KDLossOutput, MemoryBank, kd_loss, update_bank
+from evlp.losses.mixup import MixupDraw, draw_mixup, mix_with_reversed, mixup_clip_loss
 from evlp.losses.siglip import SigmoidLossOutput, sigmoid_loss
 
 __all__ = [
     "ClipLossOutput",
+    "ItmLossOutput",
+    "ItmNegatives",
     "KDLossOutput",
     "MemoryBank",
+    "MixupDraw",
     "SigmoidLossOutput",
     "clip_loss",
+    "draw_mixup",
+    "gather_negatives",
+    "itm_loss",
     "kd_loss",
+    "mix_with_reversed",
+    "mixup_clip_loss",
+    "sample_hard_negatives",
     "sigmoid_loss",
     "total_loss",
     "update_bank",

@@ -64,6 +64,29 @@ def top1_accuracy(logits: Tensor, labels: Tensor) -> Tensor:
         return (logits.argmax(dim=1) == labels).float().mean()
 
 
+def gathered_logits(image: Tensor, text: Tensor, logit_scale: Tensor | float, *, rank: int, world_size: int
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """The ITC logits of this rank's rows against every rank's (gathered with gradient), and their labels.
+
+    Returns:
+        ``logits_i2t`` (B, B * W), ``logits_t2i`` (B, B * W) and ``labels`` (B,): each row's own pair's column.
+
+    Raises:
+        ValueError: features that are not both (B, D), or a bad rank.
+    """
+    check_rank(rank, world_size)
+    if image.shape != text.shape or image.dim() != 2:
+        raise ValueError(f"image and text must both be (B, D); got {tuple(image.shape)} and {tuple(text.shape)}")
+    image, text = upcast_half(image), upcast_half(text)
+    batch = image.shape[0]
+    image_all = gather_with_grad(image, world_size)  # (B * W, D)
+    text_all = gather_with_grad(text, world_size)  # (B * W, D)
+    logits_i2t = logit_scale * image @ text_all.T  # (B, B * W)
+    logits_t2i = logit_scale * text @ image_all.T  # (B, B * W)
+    labels = torch.arange(batch, device=image.device) + batch * rank  # (B,)
+    return logits_i2t, logits_t2i, labels
+
+
 def clip_loss(
     image: Tensor,
     text: Tensor,
@@ -84,19 +107,7 @@ def clip_loss(
     Returns:
         :class:`ClipLossOutput` for the local rows.
     """
-    check_rank(rank, world_size)
-    if image.shape != text.shape or image.dim() != 2:
-        raise ValueError(f"image and text must both be (B, D); got {tuple(image.shape)} and {tuple(text.shape)}")
-    image, text = upcast_half(image), upcast_half(text)
-    batch = image.shape[0]
-
-    image_all = gather_with_grad(image, world_size)  # (B * W, D)
-    text_all = gather_with_grad(text, world_size)  # (B * W, D)
-
-    logits_i2t = logit_scale * image @ text_all.T  # (B, B * W)
-    logits_t2i = logit_scale * text @ image_all.T  # (B, B * W)
-    labels = torch.arange(batch, device=image.device) + batch * rank  # (B,)
-
+    logits_i2t, logits_t2i, labels = gathered_logits(image, text, logit_scale, rank=rank, world_size=world_size)
     loss = (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
     acc_i2t = top1_accuracy(logits_i2t, labels)
     acc_t2i = top1_accuracy(logits_t2i, labels)

@@ -75,6 +75,14 @@ def build_model(cfg: ModelConfig, *, pretrained: bool = False, models_dir: str |
         models_dir: where relative checkpoint paths live.
         text_config: the saved HF config of a trained text tower (rebuilds its exact architecture).
     """
+    if cfg.arch == "dual":  # the ZeroVL recipe's dual encoder
+        from evlp.models.dual import build_dual_encoder
+
+        return build_dual_encoder(cfg, pretrained=pretrained, models_dir=models_dir, text_config=text_config)
+    if cfg.arch == "eve":  # one multiway encoder
+        from evlp.models.eve import build_eve
+
+        return build_eve(cfg, pretrained=pretrained, models_dir=models_dir, text_config=text_config)
     image_weights, hub = resolve_weights(cfg.image.checkpoint, models_dir, "model.image") if pretrained \
         else (None, False)
     text = build_text_tower(cfg.text, pretrained=pretrained, hf_config=text_config)
@@ -104,10 +112,11 @@ def enable_grad_checkpointing(module: nn.Module) -> list[str]:
         ConfigError: no part of ``module`` supports it.
     """
     from evlp.errors import ConfigError
+    from evlp.models.eve import EVE
     from evlp.models.image import Data2Vec2ImageTower, TimmImageTower
     from evlp.models.text import TextTower
 
-    kinds = (SSMKE, TextTower, Data2Vec2ImageTower, TimmImageTower)
+    kinds = (SSMKE, EVE, TextTower, Data2Vec2ImageTower, TimmImageTower)
     done: list[str] = []
     for name, m in module.named_modules():
         inside = any(d == "" or name.startswith(f"{d}.") for d in done)
@@ -193,7 +202,7 @@ def model_info(cfg: ModelConfig) -> ModelInfo:
         teacher = build_teacher_of(cfg) if cfg.teacher.enabled else None
     parts = {name: _count(mods) for name, mods in student.parts().items()}
     last = list(parts)[-1]
-    parts[last] += student.logit_scales.numel()
+    parts[last] += sum(p.numel() for p in student.parameters(recurse=False))  # the logit scales, when learned
     total = sum(p.numel() for p in student.parameters())
     assert total == sum(parts.values()), "model parts do not cover every parameter"
     return ModelInfo(

@@ -1,4 +1,5 @@
-"""Load the original pretrained checkpoints (fairseq data2vec 2.0, unilm BEiTv2) into evlp's modules.
+"""Load the original pretrained checkpoints (fairseq data2vec 2.0, unilm BEiTv2) into evlp's modules (the released
+EVE checkpoints: :mod:`evlp.models.convert_eve`, with the same conventions).
 
 Each converter renames the original keys to the module's names and drops what the module does not
 have (decoders, EMA copies, MIM heads); :func:`load_converted` then loads strictly, so a checkpoint
@@ -33,7 +34,7 @@ _D2V_RENAMES = {
     "context_encoder.norm.": "norm_pre.",
 }
 _BEIT_DROP_PREFIXES = ("mask_token", "lm_head.", "cls_pt_", "norm.")
-_CONFIG_KEYS = {"data2vec2": "model.image", "beitv2": "model.teacher"}
+_CONFIG_KEYS = {"data2vec2": "model.image", "beitv2": "model.teacher", "eve": "model.eve"}  # eve: convert_eve.py
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from evlp.config.schema import ImageTowerConfig
 from evlp.errors import ConfigError
 from evlp.models.blocks import LN_EPS, PostLNBlock, run_blocks
+from evlp.models.token_prune import TokenPruning, check_prunable, run_pruned_blocks
 
 
 def keep_patches(x: Tensor, rate: float) -> Tensor:
@@ -37,8 +38,10 @@ def keep_patches(x: Tensor, rate: float) -> Tensor:
 
 
 class Data2Vec2ImageTower(nn.Module):
-    """``forward(pixels (B, 3, H, W)) -> tokens (B, 1 + N, width)``, CLS first; in training with
-    ``model.image.patch_dropout`` only a random share of the N patch tokens goes through the blocks."""
+    """``forward(pixels (B, 3, H, W), text_cls=None) -> tokens (B, 1 + N, width)``, CLS first; in training with
+    ``model.image.patch_dropout`` only a random share of the N patch tokens goes through the blocks, and with
+    ``model.image.prune_layers`` the blocks drop and merge tokens (ELIP, :mod:`evlp.models.token_prune`;
+    ``text_cls`` (B, width) guides it), so fewer come out."""
 
     num_prefix_tokens = 1
     """Leading output tokens that are not patches: the CLS."""
@@ -58,6 +61,9 @@ class Data2Vec2ImageTower(nn.Module):
         self.patch_dropout = float(cfg.patch_dropout)
         self.patch_dropout_on = True
         """Switched off for the unmasked tail of a schedule (``train.unmasked_tail``); evaluation never drops."""
+        self.pruning = TokenPruning.from_config(cfg)
+        if self.pruning is not None:
+            check_prunable(self.blocks, self.pruning, "the data2vec2 tower")
         self._init()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -77,11 +83,19 @@ class Data2Vec2ImageTower(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, pixels: Tensor) -> Tensor:
+    @property
+    def prune_text_guidance(self) -> float:
+        """The text CLS's weight in the pruning query; 0 when nothing prunes (the caller then passes no text)."""
+        return self.pruning.text_guidance if self.pruning is not None else 0.0
+
+    def forward(self, pixels: Tensor, text_cls: Tensor | None = None) -> Tensor:
         x = self.patch_embed(pixels) + self.pos_embed  # (B, N, D)
         if self.training and self.patch_dropout > 0 and self.patch_dropout_on:
             x = keep_patches(x, self.patch_dropout)  # (B, N', D)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
+        if self.training and self.pruning is not None:
+            return run_pruned_blocks(self.blocks, self.norm_pre(x), self.pruning, num_prefix=1, text_cls=text_cls,
+                                     checkpointed=self.grad_checkpointing)  # (B, 1+N'', D)
         return run_blocks(self.blocks, self.norm_pre(x), self.grad_checkpointing and self.training)
 
     def transformer_blocks(self) -> nn.Sequential | None:
@@ -121,9 +135,15 @@ class TimmImageTower(nn.Module):
         name: timm model name.
         img_size: input resolution (passed to models that take one).
         pretrained: use timm's pretrained weights (hub download; fails clearly offline).
+        patch_dropout: FLIP's share of patch tokens dropped in training (timm's ``PatchDropout``).
+        pruning: ELIP's token pruning in training (ViTs with a class token only).
+
+    Raises:
+        ConfigError: patch dropout or pruning asked of a model that cannot do it.
     """
 
-    def __init__(self, name: str, img_size: int, pretrained: bool = False, patch_dropout: float = 0.0) -> None:
+    def __init__(self, name: str, img_size: int, pretrained: bool = False, patch_dropout: float = 0.0,
+                 pruning: TokenPruning | None = None) -> None:
         super().__init__()
         self.model = create_timm_model(name, img_size, pretrained)
         self.timm_name, self.img_size = name, img_size
@@ -139,6 +159,20 @@ class TimmImageTower(nn.Module):
 
             self.model.patch_drop = PatchDropout(self.patch_dropout,
                                                  num_prefix_tokens=int(getattr(self.model, "num_prefix_tokens", 1)))
+        self.pruning = pruning
+        if pruning is not None:
+            from timm.models.vision_transformer import VisionTransformer
+
+            if not isinstance(self.model, VisionTransformer) or not self.has_cls:
+                raise ConfigError(f"model.image.prune_layers: timm model '{name}' is not a ViT with a class token "
+                                  "to rank its patches by; use one (vit_small_patch16_224 ...) or set "
+                                  "model.image.prune_layers=[]")
+            check_prunable(self.model.blocks, pruning, f"timm model '{name}'")
+
+    @property
+    def prune_text_guidance(self) -> float:
+        """The text CLS's weight in the pruning query; 0 when nothing prunes (the caller then passes no text)."""
+        return self.pruning.text_guidance if self.pruning is not None else 0.0
 
     def set_patch_dropout(self, on: bool) -> None:
         """Drop patches in training (``model.image.patch_dropout``, timm's own ``PatchDropout``) or not."""
@@ -183,8 +217,19 @@ class TimmImageTower(nn.Module):
             raise ConfigError(f"train.grad_checkpointing: timm model '{self.timm_name}' does not support it")
         self.model.set_grad_checkpointing(enable)
 
-    def forward(self, pixels: Tensor) -> Tensor:
-        f = self.model.forward_features(pixels)
+    def _pruned_features(self, pixels: Tensor, text_cls: Tensor | None) -> Tensor:
+        """timm's ``VisionTransformer.forward_features`` with the blocks run by :func:`run_pruned_blocks`."""
+        m = self.model
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(pixels))))  # (B, P+N, D)
+        x = run_pruned_blocks(m.blocks, x, self.pruning, num_prefix=self.num_prefix_tokens, text_cls=text_cls,
+                              checkpointed=bool(getattr(m, "grad_checkpointing", False)))
+        return m.norm(x)  # (B, P+N'', D)
+
+    def forward(self, pixels: Tensor, text_cls: Tensor | None = None) -> Tensor:
+        if self.training and self.pruning is not None:
+            f = self._pruned_features(pixels, text_cls)
+        else:
+            f = self.model.forward_features(pixels)
         if f.ndim == 4:
             if f.shape[1] == self.width and f.shape[-1] != self.width:
                 f = f.flatten(2).transpose(1, 2)  # NCHW -> (B, HW, C)
@@ -234,12 +279,21 @@ def build_image_tower(cfg: ImageTowerConfig, *, weights: Path | None = None, hub
 
             load_data2vec2_image(tower, weights, cfg.depth)
         return tower
-    tower = TimmImageTower(cfg.name, cfg.img_size, pretrained=hub, patch_dropout=cfg.patch_dropout)
+    tower = TimmImageTower(cfg.name, cfg.img_size, pretrained=hub, patch_dropout=cfg.patch_dropout,
+                           pruning=TokenPruning.from_config(cfg))
     if weights is not None:
         from evlp.models.convert import load_timm_weights
 
         load_timm_weights(tower.model, weights)
     return tower
+
+
+def without_training_only(cfg: ImageTowerConfig) -> ImageTowerConfig:
+    """``cfg`` with the pretraining-only token reductions off (FLIP's patch dropout, ELIP's pruning): what
+    encoding, evaluation and fine-tuning build, so they see every patch, in training mode too."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, patch_dropout=0.0, prune_layers=[], prune_keep=[], prune_text_guidance=0.0)
 
 
 def resize_tower(tower: nn.Module, cfg: ImageTowerConfig, img_size: int) -> tuple[nn.Module, ImageTowerConfig]:

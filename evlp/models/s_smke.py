@@ -38,6 +38,14 @@ class SSMKE(nn.Module):
         d = cfg.shared.width
         self.text = text if text is not None else build_text_tower(cfg.text)
         self.image = image if image is not None else build_image_tower(cfg.image)
+        self.prune_text_guidance = float(getattr(self.image, "prune_text_guidance", 0.0))
+        """ELIP: the weight of the caption's text CLS in the image tower's pruning query (0: no text needed)."""
+        if self.prune_text_guidance > 0 and self.text.width != self.image.width:
+            from evlp.errors import ConfigError
+
+            raise ConfigError(f"model.image.prune_text_guidance={self.prune_text_guidance}: the text CLS joins the "
+                              f"image tower's pruning query, so the text width ({self.text.width}) must equal the "
+                              f"image tower width ({self.image.width}); set model.image.prune_text_guidance=0")
         # Projections exist only when a tower's width differs from the shared width.
         self.text_proj = nn.Linear(self.text.width, d) if self.text.width != d else nn.Identity()
         self.image_proj = nn.Linear(self.image.width, d) if self.image.width != d else nn.Identity()
@@ -85,15 +93,25 @@ class SSMKE(nn.Module):
         h = self.text_proj(self.text(input_ids, attention_mask))  # (B, T, D)
         return self._shared(h, TEXT, attention_mask == 0)
 
-    def encode_image(self, pixels: Tensor) -> dict[str, Tensor]:
-        """``pixels`` (B, 3, H, W), normalised."""
-        h = self.image_proj(self.image(pixels))  # (B, 1+N, D)
+    def encode_image(self, pixels: Tensor, text_cls: Tensor | None = None) -> dict[str, Tensor]:
+        """``pixels`` (B, 3, H, W), normalised; ``text_cls`` (B, text width): the captions' text-tower CLS that
+        guides token pruning in training (``model.image.prune_text_guidance``). With pruning in training
+        the image sequence comes out shorter; the shared block takes any length (images have no padding)."""
+        tokens = self.image(pixels) if text_cls is None else self.image(pixels, text_cls=text_cls)
+        h = self.image_proj(tokens)  # (B, 1+N', D)
         return self._shared(h, IMAGE, None)
 
     def forward(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
-        """Both modalities; keys suffixed ``_image`` / ``_text`` (``x_image``, ``kd_text`` ...)."""
-        out = {f"{k}_image": v for k, v in self.encode_image(pixels).items()}
-        out.update({f"{k}_text": v for k, v in self.encode_text(input_ids, attention_mask).items()})
+        """Both modalities; keys suffixed ``_image`` / ``_text`` (``x_image``, ``kd_text`` ...). With text-guided
+        pruning in training the text tower runs first, so its (detached) CLS can steer the image tower."""
+        if self.training and self.prune_text_guidance > 0:
+            t = self.text(input_ids, attention_mask)  # (B, T, text width)
+            out = {f"{k}_image": v for k, v in self.encode_image(pixels, text_cls=t[:, 0].detach()).items()}
+            text = self._shared(self.text_proj(t), TEXT, attention_mask == 0)
+        else:
+            out = {f"{k}_image": v for k, v in self.encode_image(pixels).items()}
+            text = self.encode_text(input_ids, attention_mask)
+        out.update({f"{k}_text": v for k, v in text.items()})
         return out
 
     # ------------------------------------------------------------------ training helpers

@@ -7,6 +7,7 @@ beside it (batch split, state on disk, guards, tracking, optimizer).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import defaultdict
@@ -24,6 +25,7 @@ from evlp.dist import DistInfo
 from evlp.errors import ConfigError
 from evlp.models import place_module
 from evlp.train.batching import batch_plan, launched_world_size, per_process_train
+from evlp.train.grad_cache import check_grad_cache, grad_cache_step
 from evlp.train.guard import (
     STOP_SIGNALS,
     Control,
@@ -181,6 +183,7 @@ class _Run:
         module = task.build_module()
         task.to(self.acc.device)
         self.plan = batch_plan(train, dist.world_size)  # train holds this launch's micro-batch and accumulation
+        check_grad_cache(task, train.grad_cache, self.plan.micro_batch)
         self.global_batch = self.plan.global_batch
         self.notes += [self.plan.describe()] if self.plan.derived else []
         self.steps_per_epoch = max(1, task.samples_per_epoch() // self.global_batch)
@@ -278,9 +281,15 @@ class _Run:
         batch = self.task.on_device(batch)
         self.task.before_step(acc.unwrap_model(module), self.step, self.total)
         with acc.accumulate(module):
-            with acc.autocast():
-                loss, metrics = self.task.training_step(module, batch, self.dist)
-            acc.backward(loss)
+            if self.train.grad_cache > 1:  # the contrastive loss of the whole batch, chunk by chunk
+                # inside an accumulation step the accumulate context already skips the synchronisation
+                inner = (lambda: acc.no_sync(module)) if acc.sync_gradients else contextlib.nullcontext
+                loss, metrics = grad_cache_step(self.task, module, batch, self.dist, chunks=self.train.grad_cache,
+                                                backward=acc.backward, autocast=acc.autocast, no_sync=inner)
+            else:
+                with acc.autocast():
+                    loss, metrics = self.task.training_step(module, batch, self.dist)
+                acc.backward(loss)
             if acc.sync_gradients and self.optim.grad_clip > 0:
                 acc.clip_grad_norm_(module.parameters(), self.optim.grad_clip)
             self.optimizer.step()

@@ -164,10 +164,14 @@ class PretrainTask(Task):
             module.student.image.set_patch_dropout(step < total - self.cfg.train.unmasked_tail)
 
     # ------------------------------------------------------------------ loss
-    def training_step(self, module: nn.Module, batch: dict[str, Any], dist: DistInfo
-                      ) -> tuple[Tensor, dict[str, Tensor]]:
+    shared_outputs = ("itc_scales", "kd_scale", "itc_bias")
+
+    def forward(self, module: nn.Module, batch: dict[str, Any]) -> dict[str, Tensor]:
+        return module(batch["image"], batch["input_ids"], batch["attention_mask"])
+
+    def loss(self, out: dict[str, Tensor], batch: dict[str, Any], dist: DistInfo
+             ) -> tuple[Tensor, dict[str, Tensor]]:
         pixels = batch["image"]
-        out = module(pixels, batch["input_ids"], batch["attention_mask"])
         scales = out["itc_scales"].float()
         levels = []
         metrics: dict[str, Tensor] = {}
@@ -185,7 +189,7 @@ class PretrainTask(Task):
             metrics[f"itc_{key}_scale"] = scales[i].detach()
         kd = None
         if self.use_kd:
-            raw = batch["teacher_target"] if self.teacher is None else self.teacher(pixels)  # cached, or run now
+            raw = batch["teacher_target"] if self.teacher is None else self.teacher_targets(pixels)  # cached, or now
             targets = F.normalize(raw.float(), dim=-1)  # (B, Dt), no grad
             res = kd_loss(out["kd_image"].float(), out["kd_text"].float(), targets, self.bank.negatives(),
                           out["kd_scale"].float(), rank=dist.rank, world_size=dist.world_size,
@@ -198,8 +202,29 @@ class PretrainTask(Task):
                           self.cfg.loss.itc_weight)
         return loss, metrics
 
+    def teacher_targets(self, pixels: Tensor) -> Tensor:
+        """The teacher's raw targets of ``pixels``, run in chunks of ``train.grad_cache``'s size (the memory of
+        one chunk, like the student)."""
+        chunk = -(-pixels.shape[0] // max(1, self.cfg.train.grad_cache))
+        return torch.cat([self.teacher(part) for part in pixels.split(chunk)])
+
     def after_optimizer_step(self, module: nn.Module) -> None:
         module.student.clamp_logit_scales()
+
+
+def pretrain_task_class(model: Any) -> type[PretrainTask]:
+    """The pretraining objective of a model family (``model.arch``): S-SMKE's ITC + KD, ZeroVL's ITC with
+    coin-flip mixup, or EVE's masked signal modeling. Each takes ``(cfg, resume_from=, pretrained=,
+    teacher_targets=)``."""
+    if model.arch == "dual":
+        from evlp.train.zerovl import ZeroVLTask
+
+        return ZeroVLTask
+    if model.arch == "eve":
+        from evlp.train.eve import EvePretrainTask
+
+        return EvePretrainTask
+    return PretrainTask
 
 
 def teacher_view(cfg: PretrainConfig) -> dict[str, Any]:
@@ -262,7 +287,7 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int | Non
             resolve_weights(cfg.model.image.checkpoint, cfg.paths.models, "model.image")
         if cfg.model.teacher.enabled and cfg.loss.kd_weight > 0 and not cfg.model.teacher.cache:
             resolve_weights(cfg.model.teacher.checkpoint, cfg.paths.models, "model.teacher")
-        return PretrainTask(cfg, resume_from=start.resume_from)
+        return pretrain_task_class(cfg.model)(cfg, resume_from=start.resume_from)
 
     def score(ckpt: Path) -> list[EvalResult]:
         if not cfg.data.val:

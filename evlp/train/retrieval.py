@@ -26,13 +26,15 @@ from evlp.train.task import Progress, Task
 
 
 class RetrievalModule(nn.Module):
-    """The student under DDP; its KD-only parts (fc_norm, head) are frozen, as ITC never reaches them."""
+    """The student under DDP; its KD-only parts (S-SMKE's fc_norm, head) are frozen, as ITC never reaches them."""
 
     def __init__(self, student: nn.Module) -> None:
         super().__init__()
         self.student = student
-        for part in (student.fc_norm, student.head):
-            part.requires_grad_(False)
+        for name in ("fc_norm", "head"):  # a dual encoder has none
+            part = getattr(student, name, None)
+            if part is not None:
+                part.requires_grad_(False)
 
     def forward(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
         return {"x_image": self.student.encode_image(pixels)["x"],
@@ -104,9 +106,13 @@ class RetrievalFinetuneTask(Task):
     def on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return finish_images(batch, self.train_transform)
 
-    def training_step(self, module: nn.Module, batch: dict[str, Any], dist: DistInfo
-                      ) -> tuple[Tensor, dict[str, Tensor]]:
-        out = module(batch["image"], batch["input_ids"], batch["attention_mask"])
+    shared_outputs = ("scale",)
+
+    def forward(self, module: nn.Module, batch: dict[str, Any]) -> dict[str, Tensor]:
+        return module(batch["image"], batch["input_ids"], batch["attention_mask"])
+
+    def loss(self, out: dict[str, Tensor], batch: dict[str, Any], dist: DistInfo
+             ) -> tuple[Tensor, dict[str, Tensor]]:
         res = clip_loss(out["x_image"].float(), out["x_text"].float(), out["scale"].float(), rank=dist.rank,
                         world_size=dist.world_size)
         return res.loss, {"itc_acc": res.acc.detach(), "scale": out["scale"].detach()}
@@ -135,19 +141,22 @@ def finetune_retrieval(cfg: RetrievalFinetuneConfig, *, resume: bool = False, st
 
     Writes ``RUN/config.yaml``, ``env.json``, ``metrics.jsonl``, ``checkpoints/`` (``best`` kept; each one an
     ordinary evlp model that ``evlp.load`` and ``evlp eval retrieval`` read), ``eval/retrieval_<dataset>_<test
-    split>.json`` and ``summary.json``.
+    split>.json`` (for EVE also ``eval/retrieval_rr<k>_...``, the ITM re-ranked scores: ``rerank_k``) and
+    ``summary.json``. An EVE model trains ITC + ITM (:mod:`evlp.train.retrieval_itm`).
 
     Raises:
         ConfigError: bad settings, or a run folder that conflicts with ``resume``.
         CheckpointError, DataNotFoundError: missing pretrained model or data.
     """
-    from evlp.eval.runner import RetrievalEvalConfig, evaluate_retrieval
+    from evlp.eval.runner import RetrievalEvalConfig, evaluate_retrieval_all
+    from evlp.train.retrieval_itm import checkpoint_arch, retrieval_task
 
     def score(ckpt: Path) -> list[EvalResult]:
-        return [evaluate_retrieval(RetrievalEvalConfig(
+        rerank = cfg.rerank_k if checkpoint_arch(ckpt) == "eve" else 0  # RR@k: only a model with an ITM head
+        return list(evaluate_retrieval_all(RetrievalEvalConfig(
             ckpt=str(ckpt), data=str(Path(cfg.data_root) / cfg.dataset), split=cfg.test_split,
             out=str(eval_path(cfg.out, "retrieval", cfg.dataset, cfg.test_split)), num_workers=0,
-            batch_size=cfg.eval_batch_size), dist=DistInfo())]  # scored on the main process alone
+            batch_size=cfg.eval_batch_size, rerank=rerank), dist=DistInfo()))  # scored on the main process alone
 
-    return train(cfg, lambda start: RetrievalFinetuneTask(cfg), resume=resume, stop_after=stop_after,
+    return train(cfg, lambda start: retrieval_task(cfg), resume=resume, stop_after=stop_after,
                  progress=progress, fixed=("dataset",), score=score)

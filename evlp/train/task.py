@@ -66,8 +66,32 @@ class Task:
 
     def training_step(self, module: nn.Module, batch: dict[str, Any], dist: DistInfo
                       ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Loss of one micro-batch and detached scalar metrics to log."""
-        raise NotImplementedError
+        """Loss of one micro-batch and detached scalar metrics to log. The default composes :meth:`forward`
+        and :meth:`loss`, the split that decoupled contrastive accumulation (``train.grad_cache``) needs."""
+        return self.loss(self.forward(module, batch), batch, dist)
+
+    # ------------------------------------------------------------------ the split of a contrastive step
+    shared_outputs: tuple[str, ...] = ()
+    """Keys of :meth:`forward`'s outputs that are not per sample (logit scales, biases); every other output
+    has the batch on dimension 0."""
+
+    def forward(self, module: nn.Module, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The module's outputs for ``batch``: per-sample tensors (dimension 0 = the batch) and the keys of
+        :attr:`shared_outputs`. Must depend on nothing but this batch's rows (no batch statistics), and draw
+        any randomness from torch's global generators, so that ``train.grad_cache`` can run it chunk by chunk
+        and replay it. A task that implements :meth:`forward` and :meth:`loss` supports ``train.grad_cache``."""
+        raise NotImplementedError(f"{type(self).__name__} does not split its step into forward and loss")
+
+    def loss(self, outputs: dict[str, Tensor], batch: dict[str, Any], dist: DistInfo
+             ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of :meth:`forward`'s outputs for the whole batch (all of a step's chunks), and detached
+        metrics. Called once per micro-batch: it may update state (a memory bank)."""
+        raise NotImplementedError(f"{type(self).__name__} does not split its step into forward and loss")
+
+    def splits_step(self) -> bool:
+        """Whether this task implements :meth:`forward` and :meth:`loss` (and so ``train.grad_cache``)."""
+        cls = type(self)
+        return cls.forward is not Task.forward and cls.loss is not Task.loss
 
     # ------------------------------------------------------------------ hooks with defaults
     def to(self, device: Any) -> None:

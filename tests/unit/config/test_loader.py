@@ -174,7 +174,7 @@ def _get(obj: object, key: str) -> object:
 def _bad_value(default: object, bad: float) -> tuple[object, str]:
     """The YAML value with ``bad`` in it (for a sequence, at its last position) and the key suffix naming it."""
     if isinstance(default, (tuple, list)):
-        return [*default[:-1], bad], f"[{len(default) - 1}]"
+        return [*default[:-1], bad], f"[{max(len(default) - 1, 0)}]"  # an empty default list: [bad]
     return bad, ""
 
 

@@ -158,7 +158,7 @@ def test_teacher_is_frozen_and_stays_in_eval_mode() -> None:
 def test_unknown_model_name_lists_choices() -> None:
     from evlp.errors import UnknownNameError
 
-    with pytest.raises(UnknownNameError, match="did you mean 's_smke'.*choose one of: s_smke, s_smke_tiny"):
+    with pytest.raises(UnknownNameError, match="did you mean 's_smke'.*choose one of: .*s_smke, s_smke_tiny"):
         model_config("s_smk")
 
 
