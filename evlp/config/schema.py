@@ -381,6 +381,17 @@ class ModelConfig:
         if not self.learnable_temperature and self.arch != "dual":
             problems.append(f"{p}learnable_temperature=false: only the dual encoder (model.arch=dual) has a fixed "
                             f"temperature; {self.arch} learns its own, drop the setting")
+        if self.arch == "eve":  # one shared encoder: the two-tower options have nothing to act on
+            tower_options = {"image.lock": self.image.lock, "text.lock": self.text.lock,
+                             "image.unlocked_layers": self.image.unlocked_layers is not None,
+                             "text.unlocked_layers": self.text.unlocked_layers is not None,
+                             "image.patch_dropout": self.image.patch_dropout > 0,
+                             "image.prune_layers": bool(self.image.prune_layers)}
+            for key in (k for k, on in tower_options.items() if on):
+                masking = f" (EVE hides image patches itself: {p}eve.image_mask_ratio)" if "patch" in key \
+                    or "prune" in key else ""
+                problems.append(f"{p}{key}: EVE (model.arch=eve) has one shared encoder, not two towers; drop the "
+                                f"setting{masking}")
         if self.arch != "s_smke" and self.image.prune_text_guidance > 0:
             problems.append(f"{p}image.prune_text_guidance={self.image.prune_text_guidance}: only S-SMKE hands the "
                             f"caption's text CLS to its image tower; set it to 0 for model.arch={self.arch}")

@@ -197,9 +197,13 @@ def _count(modules: list[nn.Module]) -> int:
 def model_info(cfg: ModelConfig) -> ModelInfo:
     """Count parameters without allocating them (modules are built on the meta device, random init; a
     pretrained text model counts as a BERT of the configured sizes)."""
+    from evlp.models.lock import apply_locks
+
     with torch.device("meta"):
         student = build_model(cfg)
         teacher = build_teacher_of(cfg) if cfg.teacher.enabled else None
+    if cfg.arch != "eve":  # locked towers (LiT) count as frozen: `trainable` is what the optimizer sees
+        apply_locks(student, cfg)
     parts = {name: _count(mods) for name, mods in student.parts().items()}
     last = list(parts)[-1]
     parts[last] += sum(p.numel() for p in student.parameters(recurse=False))  # the logit scales, when learned

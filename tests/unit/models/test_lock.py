@@ -189,3 +189,25 @@ def test_lock_fields_are_checked() -> None:
     assert "model.text.unlocked_layers: 3 but the tower has 2 layers" in text
     assert "model.image.train_norms: applies to a locked tower only" in text
     assert "optim.lr_scale_text: must be > 0" in text
+
+
+def test_model_info_counts_locked_parameters_as_frozen() -> None:
+    """`evlp model info s_smke_tiny image.lock=true text.unlocked_layers=1`: trainable = everything but the image
+    tower and the text tower's locked embeddings and lower layer, counted here from a real (not meta) build."""
+    from evlp.models import model_info
+
+    cfg = model_config("s_smke_tiny", image={"lock": True}, text={"unlocked_layers": 1})
+    student = build_model(cfg)
+    frozen = sum(p.numel() for p in student.image.parameters())
+    frozen += sum(p.numel() for n, p in student.text.named_parameters() if "layer.1." not in n and "pooler" not in n)
+    info = model_info(cfg)
+    assert info.student_total == sum(p.numel() for p in student.parameters())
+    assert info.trainable == info.student_total - frozen < info.student_total
+    assert model_info(model_config("s_smke_tiny")).trainable == info.student_total
+
+
+def test_eve_refuses_the_two_tower_options() -> None:
+    for key in ("image.lock=true", "text.unlocked_layers=1", "image.patch_dropout=0.5", "image.prune_layers=[1]"):
+        with pytest.raises(ConfigError, match=f"model.{key.split('=')[0]}: EVE .* one shared encoder"):
+            load_config(PretrainConfig, "eve_tiny", [f"model.{key}"] + (["model.image.prune_keep=[0.5]"]
+                                                                        if "prune" in key else []))
