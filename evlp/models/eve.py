@@ -186,7 +186,7 @@ class PixelDecoder(nn.Module):
         grid = self.mask_token.to(h.dtype).expand(b, self.num_patches, w)
         grid = grid.scatter(1, keep[..., None].expand(-1, -1, w), h[:, 1:])  # (B, N, W)
         x = torch.cat([h[:, :1], grid], 1) + self.pos_embed
-        return self.pred(self.norm(self.blocks(x)))[:, 1:]
+        return self.pred(self.norm(self.blocks(x)))[:, 1:].contiguous()  # a copy: FSDP2 warns on view outputs
 
 
 @dataclass
