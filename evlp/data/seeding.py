@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -83,6 +84,10 @@ def quiet_worker(_: int) -> None:
 _STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, n))
 
 
+_EXIT_GRACE_S = 1.0
+"""How long :func:`close_loader` waits, after a failed fetch, for a dying worker to have exited."""
+
+
 def close_loader(iterator: object) -> None:
     """Shut a DataLoader iterator's worker processes down now, rather than whenever the iterator is collected
     (a traceback that holds it can keep the workers alive until exit).
@@ -91,10 +96,21 @@ def close_loader(iterator: object) -> None:
     request for this process too: when this process handles that signal itself (a training run does), the
     signal is raised here, after the shutdown. Looked at before the shutdown, which ends stuck workers with
     SIGTERM itself. This covers workers killed after delivering their last batches of an epoch, whose death the
-    shutdown would otherwise reap unseen.
+    shutdown would otherwise reap unseen. Called while a fetch failed, it first waits up to a second for a worker
+    to exit: one that a signal is killing can break the hand-over of a batch (a reset connection) just before its
+    exit is visible.
     """
+    workers = list(getattr(iterator, "_workers", ()))
+    if isinstance(sys.exc_info()[1], Exception) and workers:
+        # called while a fetch failed (not at a normal end, GeneratorExit): a worker that a signal is killing can
+        # break the hand-over (a reset connection) a moment before it has exited; give it that moment
+        from multiprocessing.connection import wait
+
+        alive = [w.sentinel for w in workers if getattr(w, "exitcode", 0) is None]
+        if alive:
+            wait(alive, timeout=_EXIT_GRACE_S)
     stopped = None
-    for worker in getattr(iterator, "_workers", ()):
+    for worker in workers:
         code = getattr(worker, "exitcode", None)  # polls without blocking; None while alive
         if code is not None and -code in _STOP_SIGNALS:
             stopped = -code
