@@ -219,11 +219,10 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
         chunks = cfg.train.grad_cache
 
         def one_step() -> None:
-            """A plain step; with GradCache one chunk's (the memory of one chunk, the model's FLOPs without the
-            extra forward pass: the MFU counts useful work only)."""
+            """A plain step of one of ``chunks`` parts (the whole batch without GradCache): the memory of one
+            chunk, the model's FLOPs without GradCache's extra forward (the MFU counts useful work only)."""
             with autocast:
-                loss, _ = task.training_step(module, split_batch(flop_batch, chunks)[0] if chunks > 1 else flop_batch,
-                                             dist)
+                loss, _ = task.training_step(module, split_batch(flop_batch, chunks)[0], dist)
             loss.backward()
             module.zero_grad(set_to_none=True)
 

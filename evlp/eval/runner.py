@@ -76,6 +76,12 @@ def embed_index(encoder: Any, index: Any, batch_size: int = 128, num_workers: in
     return images, texts
 
 
+def embedding_label(config: Any) -> str:
+    """What ``x`` is for a model config, as result protocols name it (the family decides, ``model.arch``)."""
+    return {"dual": "projected tower CLS (x)", "eve": "projected encoder CLS (x)"}.get(config.arch,
+                                                                                       "shared-block CLS (x)")
+
+
 def evaluate_retrieval(cfg: RetrievalEvalConfig, encoder: Any = None, *,
                        dist: DistInfo | None = None) -> RetrievalResult:
     """Image-text retrieval on a Karpathy-style split as a dual encoder: TR@1/5/10, IR@1/5/10, RSUM and their mean.
@@ -121,11 +127,11 @@ def evaluate_retrieval_all(cfg: RetrievalEvalConfig, encoder: Any = None, *,
 
     t0 = time.perf_counter()
     dist = dist or launcher_ranks()
+    if cfg.rerank < 0:
+        raise ConfigError(f"--rerank must be >= 0 (0: dual encoder only), got {cfg.rerank}")
     index = load_retrieval_index(cfg.data, split=cfg.split, images_root=cfg.images_root)
     ckpt = find_checkpoint(cfg.ckpt)
     encoder = encoder or load(cfg.ckpt, device=cfg.device or launcher_device(dist))
-    if cfg.rerank < 0:
-        raise ConfigError(f"--rerank must be >= 0 (0: dual encoder only), got {cfg.rerank}")
     if cfg.rerank > 0 and not has_itm_head(encoder.model):
         raise ConfigError(f"--rerank {cfg.rerank}: the model of {ckpt} (model.arch {encoder.config.arch}) has no "
                           "ITM head to re-rank with; drop --rerank (only fusion models such as EVE have one)")
@@ -136,7 +142,7 @@ def evaluate_retrieval_all(cfg: RetrievalEvalConfig, encoder: Any = None, *,
               "details": {"n_images": len(index.image_paths), "n_texts": len(index.texts)},
               "config_hash": checkpoint_config_hash(ckpt)}
     protocol = {"index": str(index.source), "image_size": encoder.config.image.img_size,
-                "resize": "squash, bicubic", "embedding": "shared-block CLS (x)", "images_encoded_once": True}
+                "resize": "squash, bicubic", "embedding": embedding_label(encoder.config), "images_encoded_once": True}
     results = []
     if dist.is_main:
         metrics = {k: round(v, 4) for k, v in retrieval_metrics(sim, index.text_to_image).items()}

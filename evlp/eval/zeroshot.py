@@ -300,7 +300,7 @@ def evaluate_zeroshot(cfg: ZeroShotConfig, encoder: Any = None, *, dist: DistInf
     """
     from evlp.api import load
     from evlp.checkpoint import find_checkpoint
-    from evlp.eval.runner import default_result_path, embed_images
+    from evlp.eval.runner import default_result_path, embed_images, embedding_label
     from evlp.eval.sharded import from_main, launcher_device, launcher_ranks, map_shares
 
     t0 = time.perf_counter()
@@ -327,7 +327,7 @@ def evaluate_zeroshot(cfg: ZeroShotConfig, encoder: Any = None, *, dist: DistInf
             seconds=time.perf_counter() - t0, config_hash=checkpoint_config_hash(ckpt),
             protocol={"data": str(index.root), "classes": classes_source, "templates": templates_source,
                       "image_size": encoder.config.image.img_size, "resize": "squash, bicubic",
-                      "text_max_length": encoder.config.text.max_length, "embedding": "shared-block CLS (x)",
+                      "text_max_length": encoder.config.text.max_length, "embedding": embedding_label(encoder.config),
                       "prototype": "mean of L2-normalised prompt embeddings, re-normalised",
                       "logit_scale": _LOGIT_SCALE, "ties": "lower class index ranks first"},
         )

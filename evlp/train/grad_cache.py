@@ -54,7 +54,7 @@ def check_grad_cache(task: Any, chunks: int, batch_size: int) -> None:
 def split_batch(batch: dict[str, Any], chunks: int) -> list[dict[str, Any]]:
     """``batch`` cut into ``chunks`` consecutive parts of (nearly) equal size: every tensor whose first dimension
     is the batch is sliced; everything else (0-dim tensors, strings, per-step draws) goes to every part."""
-    size = next(v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.dim() > 0)
+    size = _rows(batch)
     step = -(-size // chunks)
     bounds = [(start, min(start + step, size)) for start in range(0, size, step)]
     return [{k: v[a:b] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size else v
@@ -73,6 +73,11 @@ class _RngState:
         torch.set_rng_state(self.cpu)
         if self.device is not None:
             torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+def _rows(batch: dict[str, Any]) -> int:
+    """The batch size: the first dimension of the first tensor that has one."""
+    return next(v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.dim() > 0)
 
 
 def _device_of(batch: dict[str, Any]) -> torch.device | None:
@@ -161,5 +166,3 @@ def grad_cache_step(
     return loss.detach(), metrics
 
 
-def _rows(part: dict[str, Any]) -> int:
-    return next(v.shape[0] for v in part.values() if torch.is_tensor(v) and v.dim() > 0)

@@ -77,6 +77,7 @@ def test_pretraining_through_the_cli_then_every_reader(zerovl_run: Path, synth_d
          "--out", str(out)], standalone_mode=False)
     result = json.loads(out.read_text())
     assert result["n_images"] == 40 and result["n_texts"] == 200 and 0 <= result["metrics"]["rmean"] <= 100
+    assert result["protocol"]["embedding"] == "projected tower CLS (x)"  # not S-SMKE's shared-block CLS
 
     # export, load, embed: the dual encoder's width, also for nothing to embed
     encoder = load(export_model(zerovl_run, tmp_path / "export"), device="cpu")
@@ -91,6 +92,7 @@ def test_pretraining_through_the_cli_then_every_reader(zerovl_run: Path, synth_d
                                           templates=str(templates), out=str(tmp_path / "zs.json"), batch_size=4,
                                           num_workers=0))
     assert 0 <= zs.to_json()["metrics"]["top1"] <= 100
+    assert zs.to_json()["protocol"]["embedding"] == "projected tower CLS (x)"
 
 
 def test_retrieval_finetuning_of_the_dual_encoder(zerovl_run: Path, synth_data: Path, tmp_path: Path) -> None:
