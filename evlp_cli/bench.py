@@ -70,6 +70,8 @@ def data_cmd(
     root: Optional[Path] = ROOT,
     workers: int = typer.Option(1, "--workers", "-w", min=0, help="DataLoader workers (0 = in this process)."),
     images: Optional[int] = typer.Option(None, "--images", min=1, help="Images to time (default: a few hundred)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="Images per batch (default: "
+                                             "the recipe's train.batch_size, what a pretraining worker builds)."),
     config: str = typer.Option("s_smke", "--config", "-c", autocompletion=recipe_completer("pretrain"),
                                help="Pretraining recipe whose image pipeline to measure."),
     draft: bool = typer.Option(True, "--draft/--no-draft", help="JPEG draft decoding (--no-draft: decode every "
@@ -88,7 +90,8 @@ def data_cmd(
 
     folder = resolve_data(data, root)
     cfg = resolve_training_config("pretrain", config=config, overrides=overrides or [], data=str(folder))
-    kwargs: dict[str, Any] = {"workers": workers, "config": cfg, "draft": draft}
+    kwargs: dict[str, Any] = {"workers": workers, "config": cfg, "draft": draft,
+                              "batch_size": batch_size or cfg.train.batch_size}
     if images is not None:
         kwargs["images"] = images
     result = bench_data(folder, **kwargs)

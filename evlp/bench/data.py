@@ -24,6 +24,7 @@ import torch
 
 from evlp.config.schema import PretrainConfig
 from evlp.data.device_augment import DeferredImage, TrainAugment, collate_images
+from evlp.data.handover import BatchRing, Returns, pack_batch, stack_images
 from evlp.data.layouts import IMAGE_EXTENSIONS, IMAGE_SUFFIXES
 from evlp.data.seeding import close_loader, loader_generator, quiet_worker, seeded
 from evlp.data.shards import SKIP_ERRORS, ShardStream, index_shard
@@ -46,20 +47,28 @@ class _DecodeImage:
     def __init__(self, transform: Any, draft: bool) -> None:
         self.transform, self.draft = transform, draft
 
-    def pixels(self, data: bytes) -> torch.Tensor:
-        return self.transform((open_rgb if self.draft else load_rgb)(io.BytesIO(data)))
+    def pixels(self, data: bytes) -> Any:
+        from_jpeg = getattr(self.transform, "from_jpeg", None) if self.draft else None  # as DecodeSample does
+        image = from_jpeg(data) if from_jpeg is not None else None
+        return self.transform((open_rgb if self.draft else load_rgb)(io.BytesIO(data))) if image is None else image
 
     def __call__(self, members: dict[str, bytes], key: str) -> torch.Tensor | None:  # a ShardStream decode
         data = _image_bytes(members)
         return None if data is None else self.pixels(data)
 
 
-def _collate(samples: list[Any]) -> dict[str, torch.Tensor]:
-    """Augmented images -> ``{"image"}``; deferred ones (data.augment_on=device) -> padded uint8 + parameters."""
-    kept = [s for s in samples if s is not None]
-    if kept and isinstance(kept[0], DeferredImage):
-        return collate_images(kept)
-    return {"image": torch.stack(kept) if kept else torch.empty(0)}
+class _Collate:
+    """Augmented images -> ``{"image"}``; deferred ones (data.augment_on=device) -> padded uint8 + parameters;
+    built in the buffers of ``ring`` as pretraining's collation does (evlp.data.handover)."""
+
+    def __init__(self, ring: BatchRing | None) -> None:
+        self.ring = ring
+
+    def __call__(self, samples: list[Any]) -> dict[str, torch.Tensor]:
+        kept = [s for s in samples if s is not None]
+        if kept and isinstance(kept[0], DeferredImage):
+            return pack_batch(collate_images(kept, self.ring), self.ring)
+        return stack_images(kept, self.ring)
 
 
 def _count(batch: dict[str, torch.Tensor]) -> int:
@@ -238,32 +247,42 @@ def bench_data(
     warmup = 2 * max(1, workers) if warmup_batches is None else warmup_batches
     augment = pretrain_transforms(cfg.data, img_size)[0]
     deferred = isinstance(augment, TrainAugment)
+    prefetch = 2
+    ring = BatchRing(workers, prefetch + 3) if workers else None
     decode = _DecodeImage(augment, draft)
+    collate = _Collate(ring)
     if kind == "shards":
-        dataset: Any = ShardStream(inputs, batch_size=batch_size, decode=decode, collate=_collate, seed=seed,
+        dataset: Any = ShardStream(inputs, batch_size=batch_size, decode=decode, collate=collate, seed=seed,
                                    num_workers=workers)
         batching: dict[str, Any] = {"batch_size": None}
     else:
         length = (warmup + timed_batches + 2 * max(1, workers)) * batch_size  # never runs dry while timed
         dataset = _FileImages(inputs, decode, seed, length)
-        batching = {"batch_size": batch_size, "collate_fn": _collate}
+        batching = {"batch_size": batch_size, "collate_fn": collate}
     loader = torch.utils.data.DataLoader(
         dataset, num_workers=workers, worker_init_fn=quiet_worker if workers else None,
-        generator=loader_generator(seed), prefetch_factor=2 if workers else None, **batching)
+        generator=loader_generator(seed), prefetch_factor=prefetch if workers else None, **batching)
 
     threads = torch.get_num_threads()
     if workers == 0:
         torch.set_num_threads(1)
+    returns = Returns(ring)
+
+    def take(batch: dict[str, torch.Tensor], keep: bool) -> int:
+        """The batch's image count (its buffer goes back to the worker once dropped, as in pretraining)."""
+        batch = returns.take(batch)
+        if keep:
+            kept.append({k: batch[k].clone() for k in ("image_pixels", "image_params")})
+        return _count(batch)
+
     batches = iter(loader)
+    kept: list[dict[str, torch.Tensor]] = []
     try:
         for _ in range(warmup):
-            next(batches)
-        n, start, kept = 0, time.perf_counter(), []
+            take(next(batches), False)
+        n, start = 0, time.perf_counter()
         for _ in range(timed_batches):
-            batch = next(batches)
-            n += _count(batch)
-            if deferred and len(kept) < 4:
-                kept.append(batch)
+            n += take(next(batches), deferred and len(kept) < 4)
         seconds = time.perf_counter() - start
     finally:
         close_loader(batches)

@@ -6,11 +6,13 @@ float conversion and normalisation more. A worker that does all of it reaches ab
 rate. Here the work is divided instead:
 
 - **in the worker** (:class:`TrainAugment`): decode (with JPEG draft when the crop allows it, see
-  evlp.data.transforms), draw every random parameter with exactly the random calls of the reference chain
+  evlp.data.transforms; an undrafted RGB JPEG with torchvision's libjpeg-turbo decoder, the same pixels as PIL's
+  without its 4-byte intermediate), draw every random parameter with exactly the random calls of the reference chain
   (timm's ``RandomResizedCropAndInterpolation.get_params``, then ``RandomHorizontalFlip``, then
   ``ColorJitter.get_params``, under the per-sample seeding of evlp.data.seeding), and hand over the uint8
   pixels of the crop box (plus the few pixels around it that the resampling kernel reaches) with the
-  parameters: one row of :data:`PARAMS` floats;
+  parameters: one row of :data:`PARAMS` floats, the batch written into a reusable shared-memory buffer
+  (evlp.data.handover);
 - **on the device** (:func:`augment_batch`), for the whole batch at once: crop-resize as two batched matrix
   products whose rows are PIL's antialiased bicubic coefficients (so the result is PIL's resize of the box, up
   to PIL's intermediate rounding to uint8), horizontal flip folded into the column weights, brightness /
@@ -25,6 +27,7 @@ identity, so such images cost no more device work than any other.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -34,13 +37,26 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from evlp.data.transforms import IMAGENET_MEAN, IMAGENET_STD, as_rgb, draft_for
+from evlp.data.handover import SLOT_KEY, BatchRing, shared_empty
+from evlp.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    as_rgb,
+    decode_jpeg_bytes,
+    decode_jpeg_pixels,
+    draft_for,
+    draft_scale,
+    jpeg_size,
+    open_rgb,
+)
 
 # one row of parameters per image: the height and width of its pixels, the crop box in those pixels (sub-pixel),
 # the flip, the brightness / contrast / saturation factors (1 = unchanged), the order in which the three are
 # applied (0 brightness, 1 contrast, 2 saturation, as torchvision's ColorJitter draws it), and whether the pixels
 # are handed over transposed (a portrait region stored as landscape, so that a batch of mixed orientations pads
-# to short side x long side instead of long side squared); sizes and box are always in the image's orientation
+# to short side x long side instead of long side squared: done where PIL holds the pixels anyway, not for the
+# JPEGs torchvision decodes, whose transposition would cost a third of their decode); sizes and box are always in
+# the image's orientation
 PARAMS = ("height", "width", "x0", "y0", "x1", "y1", "flip", "brightness", "contrast", "saturation",
           "order0", "order1", "order2", "transposed")
 _COL = {name: i for i, name in enumerate(PARAMS)}
@@ -53,14 +69,14 @@ _LUMA = (0.2989, 0.587, 0.114)
 
 
 class DeferredImage(tuple):
-    """``(pixels (h, w, 3) uint8 array, params (len(PARAMS),) float32 array)``: one image whose augmentation is
-    finished on the device. A tuple subclass so that collation can tell it from an already augmented tensor;
-    numpy rather than torch because the pixels are a view into the decoded image (no copy until collation)."""
+    """``(pixels (h, w, 3) uint8 numpy array or tensor, params (len(PARAMS),) float32 array)``: one image whose
+    augmentation is finished on the device. A tuple subclass so that collation can tell it from an already
+    augmented tensor; the pixels are a view into the decoded image (no copy until collation)."""
 
     __slots__ = ()
 
     @property
-    def pixels(self) -> np.ndarray:
+    def pixels(self) -> np.ndarray | Tensor:
         return self[0]
 
     @property
@@ -73,13 +89,16 @@ class TrainAugment:
 
     The arguments are those of :func:`evlp.data.transforms.train_transform` (which is the same augmentation done
     entirely in the worker); :meth:`reference` builds it. :func:`augment_batch` with :attr:`img_size`,
-    :attr:`mean` and :attr:`std` is the device half.
+    :attr:`mean` and :attr:`std` is the device half. ``fast_jpeg=False`` decodes every image with PIL instead of
+    handing undrafted RGB JPEGs to torchvision's decoder (:func:`~evlp.data.transforms.decode_jpeg_pixels`; the
+    same pixels).
     """
 
     def __init__(self, img_size: int, *, crop_scale: Sequence[float] = (0.9, 1.0), hflip: float = 0.5,
                  color_jitter: float = 0.4, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, ratio: Sequence[float] = (3 / 4, 4 / 3)) -> None:
-        self.img_size = int(img_size)
+                 std: Sequence[float] = IMAGENET_STD, ratio: Sequence[float] = (3 / 4, 4 / 3),
+                 fast_jpeg: bool = True) -> None:
+        self.img_size, self.fast_jpeg = int(img_size), bool(fast_jpeg)
         self.crop_scale, self.ratio = tuple(crop_scale), tuple(ratio)
         self.hflip, self.color_jitter = float(hflip), float(color_jitter)
         self.mean, self.std = tuple(mean), tuple(std)
@@ -97,8 +116,9 @@ class TrainAugment:
         return train_transform(self.img_size, crop_scale=self.crop_scale, hflip=self.hflip,
                                color_jitter=self.color_jitter, mean=self.mean, std=self.std)
 
-    def draw(self, img: Image.Image) -> tuple[tuple[int, int, int, int], bool, list[float], list[int]]:
-        """The random parameters for ``img``, drawn exactly as the reference chain draws them:
+    def draw(self, img: Image.Image | Tensor) -> tuple[tuple[int, int, int, int], bool, list[float], list[int]]:
+        """The random parameters for ``img`` (or anything of its size to torchvision, e.g. an expanded tensor),
+        drawn exactly as the reference chain draws them:
         ``((i, j, h, w) crop box in full-resolution pixels, flip, [brightness, contrast, saturation], order)``."""
         box = self._crop_params(img, self.crop_scale, self.ratio)  # python's random, as timm draws (on the
         # full-resolution size; an undecoded JPEG stays undecoded)
@@ -108,13 +128,46 @@ class TrainAugment:
             lo, hi = self._jitter
             fn_idx = torch.randperm(4)
             factors = [float(torch.empty(1).uniform_(lo, hi)) for _ in range(3)]
-            order = [int(k) for k in fn_idx if k < 3]
+            order = [k for k in fn_idx.tolist() if k < 3]
         return box, flip, factors, order
 
     def __call__(self, img: Image.Image) -> DeferredImage:
-        (i, j, h, w), flip, factors, order = self.draw(img)
+        return self._deferred(img, self.draw(img))
+
+    def from_jpeg(self, data: bytes) -> DeferredImage | None:
+        """The worker half straight from an image file's bytes, for an RGB JPEG whose size its frame header gives
+        (:func:`~evlp.data.transforms.jpeg_size`: no PIL parsing), with the same draws and result as
+        ``self(open_rgb(file))``; None, before any random draw, for any other file (the caller then opens it
+        with PIL) or with ``fast_jpeg=False``."""
+        size = jpeg_size(data) if self.fast_jpeg else None
+        if size is None:
+            return None
+        drawn = self.draw(torch.empty(1, 1, 1).expand(1, size[1], size[0]))  # its size is all timm looks at
+        _, _, h, w = drawn[0]
+        out = self.img_size
+        if draft_scale((w, h), (out, out)) == 1 and max(w, h) <= _MAX_DEVICE_REDUCTION * out:
+            decoded = decode_jpeg_bytes(data)
+            if decoded is not None and tuple(decoded.shape[:2]) == (size[1], size[0]):
+                return self._decoded(decoded, drawn)
+        return self._deferred(open_rgb(io.BytesIO(data)), drawn)  # drafted, or broken: PIL's path and errors
+
+    @staticmethod
+    def _decoded(decoded: Tensor, drawn: tuple) -> DeferredImage:
+        """The box of an image torchvision decoded (256 px shards), never transposed (see PARAMS): transposing
+        3-byte pixels would cost a third of the decode."""
+        (i, j, h, w), flip, factors, order = drawn
+        return DeferredImage((decoded[i:i + h, j:j + w], _params(h, w, (0.0, 0.0, float(w), float(h)), flip,
+                                                                 factors, order, False)))
+
+    def _deferred(self, img: Image.Image, drawn: tuple) -> DeferredImage:
+        """The worker half of ``img`` with the parameters ``drawn`` for it."""
+        (i, j, h, w), flip, factors, order = drawn
         out = self.img_size
         s = draft_for(img, (w, h), (out, out))
+        if s == 1 and max(w, h) <= _MAX_DEVICE_REDUCTION * out:
+            decoded = decode_jpeg_pixels(img) if self.fast_jpeg else None
+            if decoded is not None:
+                return self._decoded(decoded, drawn)
         img = as_rgb(img)
         if s == 1:  # as torchvision's resized_crop: the kernel sees only the box
             left, top, right, bottom = j, i, j + w, i + h
@@ -134,9 +187,7 @@ class TrainAugment:
             pixels = np.asarray(img.crop((left, top, right, bottom)).transpose(Image.Transpose.TRANSPOSE))
         else:
             pixels = np.asarray(img)[top:bottom, left:right]  # a view: collation makes the one copy
-        params = np.array([bottom - top, right - left, *box, float(flip), *factors, *order, float(transposed)],
-                          dtype=np.float32)
-        return DeferredImage((pixels, params))
+        return DeferredImage((pixels, _params(bottom - top, right - left, box, flip, factors, order, transposed)))
 
     def on_device(self, pixels: Tensor, params: Tensor) -> Tensor:
         """The device half: :func:`augment_batch` with this transform's size and normalisation."""
@@ -147,29 +198,31 @@ class TrainAugment:
                 f"color_jitter={self.color_jitter}, device half: evlp.data.device_augment.augment_batch)")
 
 
-def collate_images(images: Sequence[DeferredImage]) -> dict[str, Tensor]:
+def _params(height: int, width: int, box: tuple[float, float, float, float], flip: bool, factors: list[float],
+            order: list[int], transposed: bool) -> np.ndarray:
+    """One row of :data:`PARAMS`."""
+    return np.array([height, width, *box, float(flip), *factors, *order, float(transposed)], dtype=np.float32)
+
+
+def collate_images(images: Sequence[DeferredImage], ring: BatchRing | None = None) -> dict[str, Tensor]:
     """Deferred images -> ``{"image_pixels": (B, H, W, 3) uint8 padded with zeros to the largest, "image_params":
     (B, len(PARAMS)) float32}``; the valid size of each image is in its parameters (transposed for a portrait
-    image, see :data:`PARAMS`)."""
+    image, see :data:`PARAMS`). In a DataLoader worker the pixels are built straight in shared memory: in a
+    buffer of ``ring`` when one is free (its slot under :data:`~evlp.data.handover.SLOT_KEY`), else fresh."""
     height = max(im.pixels.shape[0] for im in images)
     width = max(im.pixels.shape[1] for im in images)
-    pixels = _batch_buffer((len(images), height, width, 3))
+    shape = (len(images), height, width, 3)
+    pixels, slot = ring.empty(shape, torch.uint8) if ring is not None else (shared_empty(shape, torch.uint8), -1)
     out = pixels.numpy()
     for b, im in enumerate(images):
         h, w = im.pixels.shape[:2]
-        out[b, :h, :w] = im.pixels
+        out[b, :h, :w] = np.asarray(im.pixels)  # numpy's copy of a strided view beats torch's for uint8 RGB
         out[b, h:] = 0
         out[b, :h, w:] = 0
-    return {"image_pixels": pixels, "image_params": torch.from_numpy(np.stack([im.params for im in images]))}
-
-
-def _batch_buffer(shape: tuple[int, ...]) -> Tensor:
-    """An uninitialised uint8 tensor; in a DataLoader worker allocated in shared memory, as torch's own collate
-    does, so that handing the batch to the training process copies nothing more."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
-    storage = torch.empty(0, dtype=torch.uint8).untyped_storage()._new_shared(math.prod(shape))
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+    batch = {"image_pixels": pixels, "image_params": torch.from_numpy(np.stack([im.params for im in images]))}
+    if slot >= 0:
+        batch[SLOT_KEY] = slot
+    return batch
 
 
 def bicubic_weights(start: Tensor, stop: Tensor, valid: Tensor, size: int, out: int) -> Tensor:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from evlp.data.device_augment import DeferredImage, collate_images
+from evlp.data.handover import BatchRing, Returns, pack_batch, stack_images
 from evlp.data.layouts import IMAGE_EXTENSIONS
 from evlp.data.mix import MixedStream, MixTracker, Source
 from evlp.data.seeding import close_loader, loader_generator, quiet_worker
@@ -40,7 +41,9 @@ class DecodeSample:
         caption = text.decode("utf-8", errors="replace").strip()
         if not caption:
             return None
-        return self.transform(open_rgb(io.BytesIO(data))), caption
+        from_jpeg = getattr(self.transform, "from_jpeg", None)  # the worker half of the GPU augmentation
+        image = from_jpeg(data) if from_jpeg is not None else None
+        return (self.transform(open_rgb(io.BytesIO(data))) if image is None else image), caption
 
 
 class CollateBatch:
@@ -48,21 +51,22 @@ class CollateBatch:
     plus ``"teacher_target"`` (B, D) when the samples carry cached targets. Images whose augmentation is
     finished on the device (:class:`~evlp.data.device_augment.DeferredImage`) come as ``"image_pixels"`` and
     ``"image_params"`` instead of ``"image"`` (:func:`~evlp.data.device_augment.finish_images` turns them into
-    ``"image"`` on the device)."""
+    ``"image"`` on the device). In a DataLoader worker the images are written into a buffer of ``ring`` when one
+    is free (the batch then carries its slot, see :mod:`evlp.data.handover`)."""
 
-    def __init__(self, tokenizer: CaptionTokenizer) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: CaptionTokenizer, ring: BatchRing | None = None) -> None:
+        self.tokenizer, self.ring = tokenizer, ring
 
     def __call__(self, samples: list[tuple[Tensor, str] | tuple[Tensor, str, Tensor]]) -> dict[str, Tensor]:
         images = [s[0] for s in samples]
         if images and isinstance(images[0], DeferredImage):
-            batch = collate_images(images)
+            batch = collate_images(images, self.ring)
         else:
-            batch = {"image": torch.stack(images)}
+            batch = stack_images(images, self.ring)
         batch.update(self.tokenizer([s[1] for s in samples]))
         if samples and len(samples[0]) > 2:  # cached teacher targets (see evlp.data.teacher_cache)
             batch["teacher_target"] = torch.stack([s[2] for s in samples])  # type: ignore[misc]
-        return batch
+        return pack_batch(batch, self.ring)
 
 
 class PairBatches:
@@ -108,11 +112,11 @@ class PairBatches:
         """The resume point of this rank."""
         return self.tracker.state_dict()
 
-    def _stream(self, resume: dict | None) -> ShardStream | MixedStream:
+    def _stream(self, resume: dict | None, ring: BatchRing | None = None) -> ShardStream | MixedStream:
         """The stream over the sources, its tracker set to where it starts; warns when the resume is not exact."""
         common: dict[str, Any] = {
             "batch_size": self.batch_size, "decode": DecodeSample(self.transform),
-            "collate": CollateBatch(self.tokenizer), "rank": self.dist.rank, "world_size": self.dist.world_size,
+            "collate": CollateBatch(self.tokenizer, ring), "rank": self.dist.rank, "world_size": self.dist.world_size,
             "seed": self.seed, "resume": resume, "num_workers": self.num_workers, "extra": self.teacher_targets}
         if isinstance(self.tracker, MixTracker):
             mixed = MixedStream(self.sources, mix=self.mix, **common)
@@ -132,17 +136,23 @@ class PairBatches:
         return stream
 
     def batches(self, resume: dict | None = None) -> Iterator[dict[str, Any]]:
-        """Yield batches (without the stream's position tag), continuing from ``resume`` when given."""
-        workers = self.num_workers
+        """Yield batches (without the stream's position tag), continuing from ``resume`` when given. Workers
+        build them in reusable buffers (:mod:`evlp.data.handover`), each one back in use once the batch
+        it carried is no longer referenced."""
+        workers, prefetch = self.num_workers, 4
+        # a worker's queued batches, the one the loop steps on and the one it still holds while asking for the next
+        ring = BatchRing(workers, prefetch + 3) if workers > 0 else None
+        returns = Returns(ring)
         loader = torch.utils.data.DataLoader(
-            self._stream(resume), batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+            self._stream(resume, ring), batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
             worker_init_fn=quiet_worker, generator=loader_generator(self.seed),
         )
         batches = iter(loader)
         try:
             for batch in batches:
                 self.tracker.update(batch.pop("_pos"))
-                yield batch
+                yield returns.take(batch)
+                del batch  # this frame's reference: the buffer returns once the consumer drops it too
         finally:
             close_loader(batches)

@@ -56,6 +56,108 @@ def draft_for(img: Image.Image, crop: tuple[int, int], out: tuple[int, int]) -> 
     return round(full_w / drafted[1][2]) if drafted is not None else 1
 
 
+def decode_jpeg_pixels(img: Image.Image) -> Any:
+    """The pixels of an undecoded RGB JPEG (:func:`undecoded_jpeg`; drafted ones excluded) as an ``(H, W, 3)``
+    uint8 tensor, decoded by :func:`decode_jpeg_bytes` from the file's bytes; None when ``img`` is not such a
+    JPEG, its file is not readable from the start, or :func:`decode_jpeg_bytes` gives None."""
+    fp = getattr(img, "fp", None)
+    if not undecoded_jpeg(img) or fp is None:
+        return None
+    try:
+        size = fp.seek(0, 2)
+        fp.seek(0)
+        data = fp.read(size)
+    except (AttributeError, OSError, ValueError):
+        return None
+    pixels = decode_jpeg_bytes(data)
+    if pixels is None or tuple(pixels.shape) != (img.size[1], img.size[0], 3):
+        return None
+    return pixels
+
+
+def decode_jpeg_bytes(data: bytes) -> Any:
+    """A JPEG file's bytes decoded to RGB by torchvision's libjpeg-turbo, as an ``(H, W, 3)`` uint8 tensor; None
+    when the bytes do not start a JPEG, torchvision's decoder is missing, or decoding fails (a corrupt or
+    truncated file: PIL's decode then raises PIL's error, as without this).
+
+    The pixels are PIL's: both decoders run libjpeg's default integer IDCT and smooth chroma upsampling (the
+    tests compare them across subsamplings, progressive and optimised files, and odd sizes). What it saves is
+    PIL's 4-byte-per-pixel intermediate and the copy out of it, and the pixels come out in a tensor that a batch
+    can copy from directly.
+    """
+    decode = _torchvision_jpeg()
+    if decode is None or len(data) < 2 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    import numpy as np
+    import torch
+
+    buffer = torch.empty(len(data), dtype=torch.uint8)  # a writable copy (torch warns on read-only buffers)
+    buffer.numpy()[:] = np.frombuffer(data, dtype=np.uint8)
+    try:
+        return decode(buffer).permute(1, 2, 0)  # (3, H, W) over (H, W, 3) memory: a free view
+    except (RuntimeError, ValueError):
+        return None
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` of an 8-bit, 3-component (RGB to PIL) baseline or progressive JPEG, read from its
+    frame header without PIL, whose parsing of every marker costs a tenth of decoding a 256 px image; None for
+    anything else: other formats, grey or CMYK JPEGs, 12-bit, lossless or arithmetic-coded ones, a height left to
+    a DNL marker, a header cut short."""
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    pos = 2
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # the end, or scan data, before any frame header
+            return None
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if marker in (0xC0, 0xC1, 0xC2):  # baseline, extended and progressive Huffman frames
+            if length < 8 or pos + 10 > n:
+                return None
+            height = (data[pos + 5] << 8) | data[pos + 6]
+            width = (data[pos + 7] << 8) | data[pos + 8]
+            ok = data[pos + 4] == 8 and data[pos + 9] == 3 and height > 0 and width > 0
+            return (width, height) if ok else None
+        if 0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # the other frame types
+            return None
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None
+
+
+_DECODE_JPEG: Any = None
+
+
+def _torchvision_jpeg() -> Any:
+    """torchvision's CPU JPEG decoder to RGB (bytes tensor -> (3, H, W) uint8), or None where it is missing."""
+    global _DECODE_JPEG
+    if _DECODE_JPEG is None:
+        try:
+            import warnings
+
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            # torchvision 0.29 deprecates its image codecs (for TorchCodec) and warns at every call; while they
+            # exist they are used (silently), and without them PIL decodes
+            warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                                    category=DeprecationWarning)
+            _DECODE_JPEG = lambda data: decode_jpeg(data, mode=ImageReadMode.RGB)
+        except (ImportError, OSError, RuntimeError):
+            _DECODE_JPEG = False
+    return _DECODE_JPEG or None
+
+
 def undecoded_jpeg(img: Image.Image) -> bool:
     """True for an RGB JPEG whose pixels have not been decoded yet (draft is still possible)."""
     return (img.format == "JPEG" and img.mode == "RGB" and len(getattr(img, "tile", ())) == 1

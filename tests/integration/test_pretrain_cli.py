@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -63,11 +64,12 @@ def test_pretrain_writes_a_complete_run_and_evaluates(synth_data: Path, tmp_path
     assert json.loads(out.read_text())["metrics"] == result["metrics"]
 
 
-def test_resume_continues_exactly(synth_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_exactly(synth_data: Path, tmp_path: Path, workers: int) -> None:
     """8 steps in one go == 3 steps, stop, resume to 8: weights, optimizer, bank and data position restored;
     with the augmentation finished on the device (the workers' half is seeded per sample, the device's has no
-    randomness)."""
-    common = ("train.max_steps=8", "train.ckpt_every=100", "data.augment_on=device")
+    randomness), in this process or in two workers handing batches over in reused buffers."""
+    common = ("train.max_steps=8", "train.ckpt_every=100", "data.augment_on=device", f"data.num_workers={workers}")
     _pretrain(synth_data, tmp_path / "straight", *common)
     _pretrain(synth_data, tmp_path / "split", *common, "--stop-after", "3")
     assert latest_checkpoint(tmp_path / "split").name == "step_00000003"

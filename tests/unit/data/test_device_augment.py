@@ -269,3 +269,116 @@ def test_a_workers_batch_is_allocated_in_shared_memory(monkeypatch: pytest.Monke
     assert torch.equal(here["image_params"], there["image_params"])
     h, w = deferred[0].pixels.shape[:2]
     assert here["image_pixels"][0, h:].eq(0).all() and here["image_pixels"][0, :, w:].eq(0).all()
+
+
+@pytest.mark.parametrize("size", [(17, 33), (256, 347), (347, 256), (640, 480)])
+@pytest.mark.parametrize("subsampling,progressive", [(0, False), (1, False), (2, False), (2, True)])
+def test_torchvisions_decode_gives_pils_pixels(size: tuple[int, int], subsampling: int, progressive: bool) -> None:
+    """The fast JPEG path decodes to exactly PIL's pixels (both run libjpeg's default IDCT and upsampling)."""
+    from evlp.data.transforms import decode_jpeg_pixels
+
+    buf = io.BytesIO()
+    Image.fromarray(_photo(*size, seed=sum(size))).save(buf, "JPEG", quality=90, subsampling=subsampling,
+                                                        progressive=progressive, optimize=progressive)
+    fast = decode_jpeg_pixels(open_rgb(io.BytesIO(buf.getvalue())))
+    assert fast is not None and fast.dtype == torch.uint8
+    np.testing.assert_array_equal(fast.numpy(), np.asarray(load_rgb(io.BytesIO(buf.getvalue()))))
+
+
+def test_the_fast_path_is_only_for_undecoded_rgb_jpegs() -> None:
+    """Decoded, drafted, grey, CMYK and PNG images, and broken files, are left to PIL (which then raises PIL's
+    error for the broken one, as before)."""
+    from evlp.data.transforms import decode_jpeg_pixels
+
+    def encoded(img: Image.Image, fmt: str = "JPEG") -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, fmt)
+        return buf.getvalue()
+
+    rgb = Image.fromarray(_photo(64, 48, 0))
+    good = encoded(rgb)
+    assert decode_jpeg_pixels(open_rgb(io.BytesIO(good))) is not None
+    assert decode_jpeg_pixels(load_rgb(io.BytesIO(good))) is None  # decoded already
+    drafted = open_rgb(io.BytesIO(encoded(Image.fromarray(_photo(640, 480, 1)))))
+    drafted.draft("RGB", (160, 120))
+    assert decode_jpeg_pixels(drafted) is None
+    for other in (encoded(rgb.convert("L")), encoded(rgb.convert("CMYK")), encoded(rgb, "PNG")):
+        assert decode_jpeg_pixels(open_rgb(io.BytesIO(other))) is None
+    truncated = good[: len(good) // 2]
+    assert decode_jpeg_pixels(open_rgb(io.BytesIO(truncated))) is None
+    with seeded(0, 0, 0), pytest.raises(OSError):
+        TrainAugment(32)(open_rgb(io.BytesIO(truncated)))
+
+
+def test_fast_jpeg_path_gives_the_same_images() -> None:
+    """Undrafted RGB JPEGs (256 px shards, portrait and landscape) go through torchvision's decoder and are
+    handed over untransposed; after the device half the images equal those of the PIL path."""
+    aug, slow = TrainAugment(224), TrainAugment(224, fast_jpeg=False)
+    blobs = [_jpeg(w, h, k) for k, (w, h) in enumerate([(256, 341), (341, 256), (300, 256), (256, 300)] * 2)]
+    fast_items, slow_items = [], []
+    for k, blob in enumerate(blobs):
+        with seeded(9, 0, k):
+            fast_items.append(aug(open_rgb(io.BytesIO(blob))))
+        with seeded(9, 0, k):
+            slow_items.append(slow(open_rgb(io.BytesIO(blob))))
+    assert all(torch.is_tensor(d.pixels) and d.params[-1] == 0 for d in fast_items)  # torchvision's, upright
+    assert any(d.params[-1] == 1 for d in slow_items)  # PIL's path transposes the portrait boxes
+    for f, s in zip(fast_items, slow_items):
+        np.testing.assert_array_equal(f.params[:-1], s.params[:-1])  # the same draws
+    fast, slow_batch = collate_images(fast_items), collate_images(slow_items)
+    torch.testing.assert_close(aug.on_device(fast["image_pixels"], fast["image_params"]),
+                               slow.on_device(slow_batch["image_pixels"], slow_batch["image_params"]),
+                               atol=2e-4, rtol=0)
+
+
+def test_jpeg_size_reads_the_frame_header_as_pil_does() -> None:
+    """The frame header's size for RGB JPEGs of every kind PIL writes (with EXIF, comments, restart markers);
+    None for what the fast path must leave to PIL."""
+    import random as pyrandom
+
+    from evlp.data.transforms import jpeg_size
+
+    rgb = Image.fromarray(_photo(37, 21, 3))
+    cases = [{}, {"progressive": True}, {"subsampling": 0}, {"optimize": True, "quality": 50},
+             {"exif": Image.Exif().tobytes(), "comment": b"x" * 300}, {"restart_marker_rows": 1}]
+    for size in [(37, 21), (640, 480), (1, 1), (3000, 17)]:
+        img = rgb.resize(size)
+        for options in cases:
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", **options)
+            data = buf.getvalue()
+            assert jpeg_size(data) == Image.open(io.BytesIO(data)).size == size, options
+            assert jpeg_size(data[:-2]) == size  # the size is in the header: a truncated file decodes to PIL's error
+    def encoded(im: Image.Image, fmt: str = "JPEG") -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, fmt)
+        return buf.getvalue()
+    good = encoded(rgb)
+    for other in (encoded(rgb.convert("L")), encoded(rgb.convert("CMYK")), encoded(rgb, "PNG"), good[:12], b"",
+                  b"\xff\xd8" + bytes(pyrandom.Random(0).randrange(256) for _ in range(64))):
+        assert jpeg_size(other) is None
+
+
+def test_from_jpeg_is_the_same_transform_without_pil_parsing() -> None:
+    """Straight from the bytes: the same draws and pixels as the transform of the PIL-opened file (undrafted
+    and drafted JPEGs alike); other files get None before anything is drawn, and broken JPEGs PIL's error."""
+    import random as pyrandom
+
+    aug = TrainAugment(224)
+    blobs = [_jpeg(w, h, k) for k, (w, h) in enumerate([(256, 341), (341, 256), (1200, 900), (700, 1000), (90, 60)])]
+    for k, blob in enumerate(blobs):
+        with seeded(4, 0, k):
+            fast = aug.from_jpeg(blob)
+        with seeded(4, 0, k):
+            slow = aug(open_rgb(io.BytesIO(blob)))
+        assert fast is not None
+        np.testing.assert_array_equal(fast.params, slow.params)
+        np.testing.assert_array_equal(np.asarray(fast.pixels), np.asarray(slow.pixels))
+    buf = io.BytesIO()
+    Image.fromarray(_photo(64, 64, 0)).save(buf, "PNG")
+    with seeded(4, 0, 0):
+        state = (pyrandom.getstate(), torch.get_rng_state())
+        assert aug.from_jpeg(buf.getvalue()) is None and TrainAugment(64, fast_jpeg=False).from_jpeg(blobs[0]) is None
+        assert pyrandom.getstate() == state[0] and torch.equal(torch.get_rng_state(), state[1])
+    with seeded(4, 0, 0), pytest.raises(OSError):
+        aug.from_jpeg(blobs[0][: len(blobs[0]) // 2])
