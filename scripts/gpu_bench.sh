@@ -21,8 +21,8 @@ evlp bench train --config s_smke --batch-size "$BATCH" --steps "$STEPS" --warmup
 evlp bench train --config s_smke --batch-size "$BATCH" --steps "$STEPS" --warmup 5 --device cuda \
   --json "$OUT/train_compile.json" train.precision=bf16 train.compile=true data.num_workers=8 >&2
 evlp data synth --out "$OUT/data" --train 4096 --test 8 --image-size 256 >&2
-evlp bench data --data "$OUT/data/train" --workers 8 --json "$OUT/data.json" >&2   # augmentation on the GPU
-evlp bench data --data "$OUT/data/train" --workers 8 --json "$OUT/data_workers.json" data.augment_on=workers >&2
+evlp bench data --data "$OUT/data/train" --workers 8 --images 16384 --json "$OUT/data.json" >&2   # augmentation on the GPU
+evlp bench data --data "$OUT/data/train" --workers 8 --images 16384 --json "$OUT/data_workers.json" data.augment_on=workers >&2
 python - "$OUT" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])

@@ -12,6 +12,11 @@ Model FLOPs per step are counted once with ``torch.utils.flop_counter.FlopCounte
 forward and backward passes, attention on the math kernel while counting) — the FLOPs the model needs, not the
 ones a kernel happens to execute.
 
+Two rates are measured: a large square product (the device's practical peak, ``mfu``), and the model's own
+products, every one the step ran, replayed alone on random inputs of the same shapes and layouts
+(``mfu_model_shapes``: how close the whole step comes to the speed the device reaches on exactly these
+matrices; what is missing is the time outside them).
+
 Weights are random (``pretrained=False``): speed does not depend on them and nothing is downloaded.
 """
 
@@ -65,15 +70,91 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None, 
     return 2.0 * n**3 / best
 
 
-def count_flops(fn: Any) -> float:
-    """Model FLOPs of ``fn()`` (forward and backward inside it), attention on the math kernel."""
+def count_flops(fn: Any, products: list | None = None) -> float:
+    """Model FLOPs of ``fn()`` (forward and backward inside it), attention on the math kernel; with ``products``
+    (a list), every matrix product and convolution it runs is appended to it (:class:`_Products`)."""
+    import contextlib
+
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with sdpa_kernel(SDPBackend.MATH), counter:
+    with sdpa_kernel(SDPBackend.MATH), counter, _Products(products) if products is not None else contextlib.nullcontext():
         fn()
     return float(counter.get_total_flops())
+
+
+def _products_mode() -> Any:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode
+
+
+class _Products(_products_mode()):  # type: ignore[misc]
+    """Records each matrix product and convolution a block of code runs: ``(op, argument signature)``, tensors
+    as ``("tensor", shape, stride, dtype, device)``, so that :func:`model_matmul_rate` can run the same calls on
+    fresh inputs."""
+
+    def __init__(self, calls: list) -> None:
+        super().__init__()
+        aten = torch.ops.aten
+        self.calls, self.ops = calls, {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
+                                       aten.convolution.default, aten.convolution_backward.default}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func in self.ops:
+            self.calls.append((func, tuple(_signature(a) for a in args), tuple(sorted((kwargs or {}).items()))))
+        return func(*args, **(kwargs or {}))
+
+
+def _signature(arg: Any) -> Any:
+    if isinstance(arg, torch.Tensor):
+        return ("tensor", tuple(arg.shape), tuple(arg.stride()), arg.dtype, arg.device)
+    if isinstance(arg, (list, tuple)):
+        return tuple(_signature(a) for a in arg)
+    return arg
+
+
+def _materialise(sig: Any) -> Any:
+    if isinstance(sig, tuple) and len(sig) == 5 and sig[0] == "tensor":
+        _, shape, stride, dtype, device = sig  # the storage the layout spans (a broadcast one spans less)
+        span = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if all(shape) else 0
+        base = torch.empty(span, dtype=dtype, device=device)
+        base = base.normal_() if base.is_floating_point() else base.zero_()
+        return base.as_strided(shape, stride)
+    if isinstance(sig, tuple):
+        return [_materialise(s) for s in sig]
+    return sig
+
+
+def model_matmul_rate(calls: list, device: torch.device, repeats: int = 2) -> tuple[float, float]:
+    """``(FLOP/s, FLOPs)`` of the recorded matrix products and convolutions (:func:`count_flops` with
+    ``products``) run again on random inputs of the same shapes, strides and dtypes: the matmul rate of this
+    device at the model's own sizes. Each distinct call is timed as often as it was made (the best of
+    ``repeats`` rounds after a warm-up), one at a time, so that only one call's inputs are held."""
+    import collections
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = collections.Counter(calls)
+    flops, seconds = 0.0, 0.0
+    for (func, args, kwargs), n in counts.items():
+        inputs = [_materialise(a) for a in args]
+        counter = FlopCounterMode(display=False)
+        with counter:
+            func(*inputs, **dict(kwargs))  # also the warm-up
+        flops += n * float(counter.get_total_flops())
+        best = float("inf")
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                func(*inputs, **dict(kwargs))
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+        seconds += best
+        del inputs
+    return (flops / seconds if seconds > 0 else float("nan")), flops
 
 
 class _PhaseTimer:
@@ -139,8 +220,10 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
             ``data.root`` holds no shards).
 
     Returns:
-        ``samples_per_s``, ``step_s`` (median), ``mfu`` (0-1), ``peak_memory_bytes``, ``breakdown_s`` (median
-        seconds per phase), ``model_flops_per_step``, ``matmul_flops_per_s`` and what was measured.
+        ``samples_per_s``, ``step_s`` (median), ``mfu`` (0-1, against a square product's rate),
+        ``mfu_model_shapes`` (against the rate of the model's own products, :func:`model_matmul_rate`),
+        ``peak_memory_bytes``, ``breakdown_s`` (median seconds per phase), ``model_flops_per_step``,
+        ``matmul_flops_per_s``, ``model_matmul_flops_per_s`` and what was measured.
     """
     from evlp.data.mix import training_shards
     from evlp.errors import DataNotFoundError
@@ -227,7 +310,8 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
             module.zero_grad(set_to_none=True)
 
         # the model's FLOPs: before compiling, without checkpointing's recompute or GradCache's extra forward
-        flops = count_flops(one_step) * chunks
+        products: list = []
+        flops = count_flops(one_step, products) * chunks
         place_module(module, dev, grad_checkpointing=cfg.train.grad_checkpointing,  # as in training
                      compile_backend=cfg.train.compile_backend if cfg.train.compile else None)
         optimizer = build_optimizer(module, cfg.optim, peak_lr(cfg.optim, batch), device=dev)
@@ -280,6 +364,8 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
             step_times.append(time.perf_counter() - t0)
         peak = _peak_memory(dev)
     rate = matmul_rate(dev, dtype if dtype != torch.float16 or dev.type == "cuda" else torch.float32)
+    shapes_rate, _ = model_matmul_rate(products, dev)  # with the dtypes the step ran them in
+    del products
     step_s = statistics.median(step_times)
     return {
         "device": device_name(dev),
@@ -291,6 +377,8 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
         "samples_per_s": batch / step_s, "step_s": step_s, "step_s_all": step_times,
         "breakdown_s": {k: statistics.median(v) for k, v in phases.items()},
         "model_flops_per_step": flops, "model_flops_per_sample": flops / batch,
-        "matmul_flops_per_s": rate, "mfu": flops / step_s / rate, "peak_memory_bytes": peak,
+        "matmul_flops_per_s": rate, "mfu": flops / step_s / rate,
+        "model_matmul_flops_per_s": shapes_rate, "mfu_model_shapes": flops / step_s / shapes_rate,
+        "peak_memory_bytes": peak,
         "peak_memory_kind": "max allocated (CUDA)" if dev.type == "cuda" else "peak RSS of the process",
     }

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evlp.bench.train import bench_train, count_flops, matmul_rate
+from evlp.bench.train import bench_train, count_flops, matmul_rate, model_matmul_rate
 from evlp.config import PretrainConfig, load_config
 from tests.conftest import run_cli
 
@@ -23,6 +23,34 @@ def test_flop_count_of_a_matmul_and_a_rate() -> None:
     assert matmul_rate(torch.device("cpu"), torch.float32, n=128, repeats=1) > 1e6
 
 
+def test_the_model_sizes_matmul_rate_replays_the_products() -> None:
+    """The products a step runs are recorded with their shapes and layouts (a linear layer: its forward addmm,
+    and two backward mms, one on a transposed operand), and replayed as often as they ran: the replay's FLOPs
+    are the counted FLOPs."""
+    lin = torch.nn.Linear(32, 16)
+    x = torch.randn(8, 32, requires_grad=True)
+    conv = torch.nn.Conv2d(3, 4, 2, stride=2)
+    img = torch.randn(2, 3, 8, 8)
+
+    def step() -> None:
+        lin(x).sum().backward()
+        lin(x).sum().backward()
+        conv(img).sum().backward()
+
+    calls: list = []
+    flops = count_flops(step, calls)
+    names = [str(func) for func, *_ in calls]
+    assert names.count("aten.addmm.default") == 2 and names.count("aten.mm.default") == 4
+    assert "aten.convolution.default" in names and "aten.convolution_backward.default" in names
+    first = calls[0][1]
+    assert first[1][1:3] == ((8, 32), (32, 1)) and first[2][1:3] == ((32, 16), (1, 32))  # x, and weight.T
+    from evlp.bench.train import _materialise
+
+    assert _materialise(first[2]).stride() == (1, 32) and _materialise(first[0]).shape == (16,)
+    rate, replayed = model_matmul_rate(calls, torch.device("cpu"), repeats=1)
+    assert replayed == flops and rate > 1e6
+
+
 def test_bench_train_figures_are_consistent(synth_data: Path) -> None:
     cfg = load_config(PretrainConfig, "tiny", [f"data.root={synth_data}", "train.batch_size=8", "data.num_workers=0",
                                                "loss.memory_bank_size=32"])
@@ -31,6 +59,8 @@ def test_bench_train_figures_are_consistent(synth_data: Path) -> None:
     assert res["step_s"] == statistics.median(res["step_s_all"]) and len(res["step_s_all"]) == 3
     assert res["samples_per_s"] == pytest.approx(8 / res["step_s"])
     assert res["mfu"] == pytest.approx(res["model_flops_per_step"] / res["step_s"] / res["matmul_flops_per_s"])
+    assert res["mfu_model_shapes"] == pytest.approx(
+        res["model_flops_per_step"] / res["step_s"] / res["model_matmul_flops_per_s"])
     assert 0 < res["mfu"] < 1 and res["peak_memory_bytes"] > 0
     assert set(res["breakdown_s"]) == {"data_wait", "augment", "teacher", "student_forward", "loss", "backward", "optimizer"}
     assert all(v >= 0 for v in res["breakdown_s"].values()) and res["breakdown_s"]["backward"] > 0
