@@ -153,6 +153,27 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _signal_workers(proc: subprocess.Popen, *, again: bool) -> None:
+    """SIGTERM the data workers of ``proc``. The toy's epochs are a few batches long and each starts new workers,
+    so the ones listed can have finished their epoch by the time the signal comes (then nothing asked the run to
+    stop); with ``again``, the workers of the moment are signalled again every second until the run ends (10 s
+    at most)."""
+    deadline = time.monotonic() + 10
+    while True:
+        for pid in _children(proc.pid):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:  # exited since it was listed
+                pass
+        if not again or time.monotonic() > deadline:
+            return
+        try:
+            proc.wait(timeout=1)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+
+
 @pytest.mark.parametrize("order", ["main", "main_then_workers", "workers_then_main", "workers"])
 def test_sigterm_with_data_workers(tmp_path: Path, order: str) -> None:
     """SIGTERM to the training process only (its workers keep serving), or to every process of the job in either
@@ -165,13 +186,11 @@ def test_sigterm_with_data_workers(tmp_path: Path, order: str) -> None:
     metrics, deadline = run / "metrics.jsonl", time.monotonic() + 120
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 3) and time.monotonic() < deadline:
         time.sleep(0.01)
-    workers = _children(proc.pid)
-    assert len(workers) >= 2
+    assert len(_children(proc.pid)) >= 2
     if order.startswith("main"):
         proc.send_signal(signal.SIGTERM)
     if "workers" in order:
-        for pid in workers:
-            os.kill(pid, signal.SIGTERM)
+        _signal_workers(proc, again=order == "workers")
     if order == "workers_then_main":
         proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
