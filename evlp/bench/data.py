@@ -28,7 +28,7 @@ from evlp.data.handover import BatchRing, Returns, pack_batch, stack_images
 from evlp.data.layouts import IMAGE_EXTENSIONS, IMAGE_SUFFIXES
 from evlp.data.seeding import close_loader, loader_generator, quiet_worker, seeded
 from evlp.data.shards import SKIP_ERRORS, ShardStream, index_shard
-from evlp.data.transforms import load_rgb, open_rgb, pretrain_transforms
+from evlp.data.transforms import pretrain_transforms, transform_file
 from evlp.errors import ConfigError, DataNotFoundError
 
 # plain decoding is timed over whole passes until at least this long
@@ -48,9 +48,7 @@ class _DecodeImage:
         self.transform, self.draft = transform, draft
 
     def pixels(self, data: bytes) -> Any:
-        from_jpeg = getattr(self.transform, "from_jpeg", None) if self.draft else None  # as DecodeSample does
-        image = from_jpeg(data) if from_jpeg is not None else None
-        return self.transform((open_rgb if self.draft else load_rgb)(io.BytesIO(data))) if image is None else image
+        return transform_file(self.transform, data, draft=self.draft)
 
     def __call__(self, members: dict[str, bytes], key: str) -> torch.Tensor | None:  # a ShardStream decode
         data = _image_bytes(members)

@@ -5,7 +5,6 @@ Used by every task that trains on image-caption pairs (pretraining, retrieval fi
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from evlp.data.mix import MixedStream, MixTracker, Source
 from evlp.data.seeding import close_loader, loader_generator, quiet_worker
 from evlp.data.shards import ShardStream, StreamTracker, is_mix_state
 from evlp.data.tokenize import CaptionTokenizer
-from evlp.data.transforms import open_rgb
+from evlp.data.transforms import transform_file
 from evlp.dist import DistInfo
 
 
@@ -41,9 +40,7 @@ class DecodeSample:
         caption = text.decode("utf-8", errors="replace").strip()
         if not caption:
             return None
-        from_jpeg = getattr(self.transform, "from_jpeg", None)  # the worker half of the GPU augmentation
-        image = from_jpeg(data) if from_jpeg is not None else None
-        return (self.transform(open_rgb(io.BytesIO(data))) if image is None else image), caption
+        return transform_file(self.transform, data), caption
 
 
 class CollateBatch:

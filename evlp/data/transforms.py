@@ -283,6 +283,19 @@ def open_rgb(fp) -> Image.Image:
     return as_rgb(img)
 
 
+def transform_file(transform: Callable, data: bytes, *, draft: bool = True) -> Any:
+    """``transform`` of the image file ``data``: straight from the bytes when the transform takes them (the
+    worker half of the GPU augmentation, :meth:`~evlp.data.device_augment.TrainAugment.from_jpeg`, for RGB
+    JPEGs), else of the file opened with :func:`open_rgb` (``draft=False``: :func:`load_rgb`, decoded in full)."""
+    from_bytes = getattr(transform, "from_jpeg", None) if draft else None
+    image = from_bytes(data) if from_bytes is not None else None
+    if image is None:
+        import io
+
+        image = transform((open_rgb if draft else load_rgb)(io.BytesIO(data)))
+    return image
+
+
 def load_rgb(fp) -> Image.Image:
     """Open an image file or file object as RGB (palette/alpha images are composited on white)."""
     return as_rgb(Image.open(fp))
