@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from evlp.config.schema import PretrainConfig
 from evlp.dist import DistInfo
@@ -79,18 +80,13 @@ def count_flops(fn: Any, products: list | None = None) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with sdpa_kernel(SDPBackend.MATH), counter, _Products(products) if products is not None else contextlib.nullcontext():
+    recorder = _Products(products) if products is not None else contextlib.nullcontext()
+    with sdpa_kernel(SDPBackend.MATH), counter, recorder:
         fn()
     return float(counter.get_total_flops())
 
 
-def _products_mode() -> Any:
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    return TorchDispatchMode
-
-
-class _Products(_products_mode()):  # type: ignore[misc]
+class _Products(TorchDispatchMode):
     """Records each matrix product and convolution a block of code runs: ``(op, argument signature)``, tensors
     as ``("tensor", shape, stride, dtype, device)``, so that :func:`model_matmul_rate` can run the same calls on
     fresh inputs."""
@@ -139,17 +135,17 @@ def model_matmul_rate(calls: list, device: torch.device, repeats: int = 2) -> tu
     counts = collections.Counter(calls)
     flops, seconds = 0.0, 0.0
     for (func, args, kwargs), n in counts.items():
-        inputs = [_materialise(a) for a in args]
+        inputs, options = [_materialise(a) for a in args], dict(kwargs)
         counter = FlopCounterMode(display=False)
         with counter:
-            func(*inputs, **dict(kwargs))  # also the warm-up
+            func(*inputs, **options)  # also the warm-up
         flops += n * float(counter.get_total_flops())
         best = float("inf")
         for _ in range(repeats):
             sync(device)
             t0 = time.perf_counter()
             for _ in range(n):
-                func(*inputs, **dict(kwargs))
+                func(*inputs, **options)
             sync(device)
             best = min(best, time.perf_counter() - t0)
         seconds += best
@@ -226,12 +222,12 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
         ``matmul_flops_per_s``, ``model_matmul_flops_per_s`` and what was measured.
     """
     from evlp.data.mix import training_shards
+    from evlp.data.teacher_cache import StandInTargets
     from evlp.errors import DataNotFoundError
     from evlp.models import place_module
+    from evlp.train.grad_cache import check_grad_cache, grad_cache_step, split_batch
     from evlp.train.loop import to_device
     from evlp.train.optim import build_optimizer, peak_lr
-    from evlp.data.teacher_cache import StandInTargets
-    from evlp.train.grad_cache import check_grad_cache, grad_cache_step, split_batch
     from evlp.train.pretrain import cached_teacher_targets, pretrain_task_class
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

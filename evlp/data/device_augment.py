@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from evlp.data.handover import SLOT_KEY, BatchRing, shared_empty
+from evlp.data.handover import SLOT_KEY, BatchRing, batch_empty
 from evlp.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -146,10 +146,11 @@ class TrainAugment:
         _, _, h, w = drawn[0]
         out = self.img_size
         if draft_scale((w, h), (out, out)) == 1 and max(w, h) <= _MAX_DEVICE_REDUCTION * out:
-            decoded = decode_jpeg_bytes(data)
-            if decoded is not None and tuple(decoded.shape[:2]) == (size[1], size[0]):
+            decoded = decode_jpeg_bytes(data, size)
+            if decoded is not None:
                 return self._decoded(decoded, drawn)
-        return self._deferred(open_rgb(io.BytesIO(data)), drawn)  # drafted, or broken: PIL's path and errors
+        # drafted, or broken (PIL's decode and errors; torchvision is not tried again)
+        return self._deferred(open_rgb(io.BytesIO(data)), drawn, fast=False)
 
     @staticmethod
     def _decoded(decoded: Tensor, drawn: tuple) -> DeferredImage:
@@ -159,13 +160,13 @@ class TrainAugment:
         return DeferredImage((decoded[i:i + h, j:j + w], _params(h, w, (0.0, 0.0, float(w), float(h)), flip,
                                                                  factors, order, False)))
 
-    def _deferred(self, img: Image.Image, drawn: tuple) -> DeferredImage:
-        """The worker half of ``img`` with the parameters ``drawn`` for it."""
+    def _deferred(self, img: Image.Image, drawn: tuple, *, fast: bool = True) -> DeferredImage:
+        """The worker half of ``img`` with the parameters ``drawn`` for it (``fast=False``: PIL decodes it)."""
         (i, j, h, w), flip, factors, order = drawn
         out = self.img_size
         s = draft_for(img, (w, h), (out, out))
         if s == 1 and max(w, h) <= _MAX_DEVICE_REDUCTION * out:
-            decoded = decode_jpeg_pixels(img) if self.fast_jpeg else None
+            decoded = decode_jpeg_pixels(img) if fast and self.fast_jpeg else None
             if decoded is not None:
                 return self._decoded(decoded, drawn)
         img = as_rgb(img)
@@ -211,8 +212,7 @@ def collate_images(images: Sequence[DeferredImage], ring: BatchRing | None = Non
     buffer of ``ring`` when one is free (its slot under :data:`~evlp.data.handover.SLOT_KEY`), else fresh."""
     height = max(im.pixels.shape[0] for im in images)
     width = max(im.pixels.shape[1] for im in images)
-    shape = (len(images), height, width, 3)
-    pixels, slot = ring.empty(shape, torch.uint8) if ring is not None else (shared_empty(shape, torch.uint8), -1)
+    pixels, slot = batch_empty(ring, (len(images), height, width, 3), torch.uint8)
     out = pixels.numpy()
     for b, im in enumerate(images):
         h, w = im.pixels.shape[:2]

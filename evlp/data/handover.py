@@ -40,9 +40,14 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // 64) * 64
 
 
-def _bytes(storage: torch.UntypedStorage, n: int) -> Tensor:
-    """The first ``n`` bytes of ``storage`` as a uint8 tensor (a view)."""
-    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (n,))
+def _new_shared(nbytes: int) -> torch.UntypedStorage:
+    """``nbytes`` of fresh shared memory."""
+    return torch.empty(0, dtype=torch.uint8).untyped_storage()._new_shared(nbytes)
+
+
+def _view(storage: torch.UntypedStorage, dtype: torch.dtype, offset: int, shape: tuple[int, ...]) -> Tensor:
+    """A contiguous ``shape`` tensor of ``dtype`` over ``storage``, from element ``offset`` (in ``dtype``s)."""
+    return torch.empty(0, dtype=dtype).set_(storage, offset, shape)
 
 
 def shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -50,9 +55,12 @@ def shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     collation does, so that handing it over copies nothing), elsewhere in ordinary memory."""
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    storage = torch.empty(0, dtype=torch.uint8).untyped_storage()._new_shared(nbytes)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    return _view(_new_shared(math.prod(shape) * dtype.itemsize), dtype, 0, shape)
+
+
+def batch_empty(ring: BatchRing | None, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Tensor, int]:
+    """:meth:`BatchRing.empty` of ``ring``, or without one :func:`shared_empty` (slot -1)."""
+    return ring.empty(shape, dtype) if ring is not None else (shared_empty(shape, dtype), -1)
 
 
 class BatchRing:
@@ -80,7 +88,7 @@ class BatchRing:
     def __getstate__(self) -> dict[str, Any]:  # a spawned worker starts without the sender's buffers
         return {**self.__dict__, "_buffers": {}, "_used": {}, "_next": 0}
 
-    def acquire(self) -> int:
+    def _acquire(self) -> int:
         """A free slot of this worker, now held (-1 outside a worker, or when the consumer holds them all: then
         build the batch in :func:`shared_empty` memory as torch would)."""
         info = torch.utils.data.get_worker_info()
@@ -92,33 +100,26 @@ class BatchRing:
             if not self.held[base + k]:
                 self.held[base + k] = 1
                 self._next = k + 1
-                self._used[k] = 0
                 return base + k
         return -1
 
-    def buffer(self, slot: int, nbytes: int) -> torch.UntypedStorage:
-        """``slot``'s buffer, of at least ``nbytes``: the one it has when large enough, else a new one with some
-        slack (the old one's contents are not carried over: hold it to move them)."""
-        k = slot % self.slots
+    def _buffer(self, k: int, nbytes: int) -> torch.UntypedStorage:
+        """Buffer ``k`` of this worker, of at least ``nbytes``: the one it has when large enough, else a new one
+        with some slack (the old one's contents are not carried over: hold it to move them)."""
         buffer = self._buffers.get(k)
         if buffer is None or buffer.nbytes() < nbytes:
-            buffer = torch.empty(0, dtype=torch.uint8).untyped_storage()._new_shared(math.ceil(nbytes * _GROWTH))
-            self._buffers[k] = buffer
+            buffer = self._buffers[k] = _new_shared(math.ceil(nbytes * _GROWTH))
         return buffer
-
-    def set_used(self, slot: int, nbytes: int) -> None:
-        """The first ``nbytes`` of ``slot``'s buffer hold the batch (:meth:`pack` adds behind them)."""
-        self._used[slot % self.slots] = _aligned(nbytes)
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Tensor, int]:
         """``(tensor, slot)``: an uninitialised tensor to build a batch in, in a held slot's buffer, and the slot
         to put in the batch under :data:`SLOT_KEY` (-1: not a ring buffer, nothing to release)."""
-        slot = self.acquire()
+        slot = self._acquire()
         if slot < 0:
             return shared_empty(shape, dtype), -1
-        nbytes = math.prod(shape) * dtype.itemsize
-        self.set_used(slot, nbytes)
-        return torch.empty(0, dtype=dtype).set_(self.buffer(slot, nbytes), 0, shape), slot
+        k, nbytes = slot % self.slots, math.prod(shape) * dtype.itemsize
+        self._used[k] = _aligned(nbytes)  # pack() adds behind it
+        return _view(self._buffer(k, nbytes), dtype, 0, shape), slot
 
     def pack(self, batch: dict[str, Any], slot: int) -> dict[str, Any]:
         """``batch`` with its other tensors (a batch's parameters, token ids) copied into ``slot``'s buffer behind
@@ -129,24 +130,21 @@ class BatchRing:
         if slot < 0:
             return batch
         k = slot % self.slots
-        buffer = self._buffers[k]
-        inside = buffer.data_ptr()
+        old = self._buffers[k]
+        inside = old.data_ptr()
         extra = {name: v for name, v in batch.items()
                  if torch.is_tensor(v) and v.device.type == "cpu" and v.untyped_storage().data_ptr() != inside}
         used = self._used[k]
-        need = used + sum(_aligned(v.nbytes) for v in extra.values())
-        if need > buffer.nbytes():  # grow, moving the tensors already written (rare: buffers have slack)
-            grown = torch.empty(0, dtype=torch.uint8).untyped_storage()._new_shared(math.ceil(need * _GROWTH))
-            moved = min(used, buffer.nbytes())
-            _bytes(grown, moved).copy_(_bytes(buffer, moved))
+        buffer = self._buffer(k, used + sum(_aligned(v.nbytes) for v in extra.values()))
+        if buffer is not old:  # grown: move the tensors already written (rare: buffers have slack)
+            moved = min(used, old.nbytes())
+            _view(buffer, torch.uint8, 0, (moved,)).copy_(_view(old, torch.uint8, 0, (moved,)))
             for v in batch.values():
                 if torch.is_tensor(v) and v.untyped_storage().data_ptr() == inside:
-                    v.set_(grown, v.storage_offset(), v.shape, v.stride())
-            buffer = self._buffers[k] = grown
+                    v.set_(buffer, v.storage_offset(), v.shape, v.stride())
         out = dict(batch)
         for name, v in extra.items():
-            view = torch.empty(0, dtype=v.dtype).set_(buffer, used // v.element_size(), v.shape)
-            out[name] = view.copy_(v)
+            out[name] = _view(buffer, v.dtype, used // v.element_size(), v.shape).copy_(v)
             used += _aligned(v.nbytes)
         self._used[k] = used
         return out
@@ -162,8 +160,7 @@ def stack_images(images: list[Tensor], ring: BatchRing | None = None) -> dict[st
     :data:`SLOT_KEY`) and otherwise as :func:`shared_empty` allocates."""
     if not images:
         return {"image": torch.empty(0)}
-    shape = (len(images), *images[0].shape)
-    out, slot = ring.empty(shape, images[0].dtype) if ring is not None else (shared_empty(shape, images[0].dtype), -1)
+    out, slot = batch_empty(ring, (len(images), *images[0].shape), images[0].dtype)
     batch = {"image": torch.stack(images, out=out)}
     if slot >= 0:
         batch[SLOT_KEY] = slot

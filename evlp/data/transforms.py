@@ -69,16 +69,14 @@ def decode_jpeg_pixels(img: Image.Image) -> Any:
         data = fp.read(size)
     except (AttributeError, OSError, ValueError):
         return None
-    pixels = decode_jpeg_bytes(data)
-    if pixels is None or tuple(pixels.shape) != (img.size[1], img.size[0], 3):
-        return None
-    return pixels
+    return decode_jpeg_bytes(data, img.size)
 
 
-def decode_jpeg_bytes(data: bytes) -> Any:
+def decode_jpeg_bytes(data: bytes, size: tuple[int, int]) -> Any:
     """A JPEG file's bytes decoded to RGB by torchvision's libjpeg-turbo, as an ``(H, W, 3)`` uint8 tensor; None
-    when the bytes do not start a JPEG, torchvision's decoder is missing, or decoding fails (a corrupt or
-    truncated file: PIL's decode then raises PIL's error, as without this).
+    when the bytes do not start a JPEG, torchvision's decoder is missing, decoding fails (a corrupt or truncated
+    file: PIL's decode then raises PIL's error, as without this) or gives another size than ``size`` (width,
+    height: what the header said).
 
     The pixels are PIL's: both decoders run libjpeg's default integer IDCT and smooth chroma upsampling (the
     tests compare them across subsamplings, progressive and optimised files, and odd sizes). What it saves is
@@ -94,9 +92,10 @@ def decode_jpeg_bytes(data: bytes) -> Any:
     buffer = torch.empty(len(data), dtype=torch.uint8)  # a writable copy (torch warns on read-only buffers)
     buffer.numpy()[:] = np.frombuffer(data, dtype=np.uint8)
     try:
-        return decode(buffer).permute(1, 2, 0)  # (3, H, W) over (H, W, 3) memory: a free view
+        pixels = decode(buffer).permute(1, 2, 0)  # (3, H, W) over (H, W, 3) memory: a free view
     except (RuntimeError, ValueError):
         return None
+    return pixels if tuple(pixels.shape) == (size[1], size[0], 3) else None
 
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:

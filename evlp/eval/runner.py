@@ -136,7 +136,7 @@ def evaluate_retrieval_all(cfg: RetrievalEvalConfig, encoder: Any = None, *,
         raise ConfigError(f"--rerank {cfg.rerank}: the model of {ckpt} (model.arch {encoder.config.arch}) has no "
                           "ITM head to re-rank with; drop --rerank (only fusion models such as EVE have one)")
     images, texts = embed_index(encoder, index, cfg.batch_size, cfg.num_workers, dist)  # (N_i, D), (N_t, D)
-    sim = images @ texts.T  # (N_i, N_t)
+    sim = images @ texts.T if dist.is_main or cfg.rerank > 0 else None  # (N_i, N_t): shortlists need it everywhere
     out = Path(cfg.out) if cfg.out else default_result_path(ckpt, "retrieval", index.dataset, index.split)
     common = {"dataset": index.dataset, "split": index.split, "checkpoint": str(ckpt),
               "details": {"n_images": len(index.image_paths), "n_texts": len(index.texts)},

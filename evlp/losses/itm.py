@@ -77,8 +77,9 @@ def negative_weights(logits: Tensor, positive: Tensor, same: Tensor | None = Non
     if same is not None:
         excluded |= same
     w = w.masked_fill(excluded, 0.0)
-    if bool((w.sum(1) <= 0).any()):
-        row = int((w.sum(1) <= 0).nonzero()[0])
+    empty = w.sum(1) <= 0
+    if bool(empty.any()):
+        row = int(empty.nonzero()[0])
         raise ValueError(f"ITM hard negatives: query {row} has no negative candidate among the {w.shape[1]} of the "
                          "gathered batch; raise the batch size (every candidate is its positive or shares its id)")
     return w

@@ -51,13 +51,9 @@ from torch import Tensor, nn
 
 from evlp.config.schema import ModelConfig
 from evlp.models.blocks import LN_EPS, QVBiasAttention, init_fresh_weights
-from evlp.models.moe import IMAGE, TEXT, Routing, SparseMoE
+from evlp.models.moe import IMAGE, TEXT, Routing, SparseMoE, trunc_normal
 
 __all__ = ["EVE", "EveEncoding", "build_eve", "patchify"]
-
-
-def _trunc_normal(p: Tensor, std: float = 0.02) -> Tensor:
-    return nn.init.trunc_normal_(p, std=std, a=-std, b=std)
 
 
 def patchify(pixels: Tensor, patch: int) -> Tensor:
@@ -87,7 +83,7 @@ class EveEmbed(nn.Module):
         with torch.no_grad():
             for p in (self.patch_embed.weight, self.cls_token, self.image_pos_embed, self.image_type,
                       self.text_pos_embed, self.text_type):
-                _trunc_normal(p)
+                trunc_normal(p)
             nn.init.zeros_(self.patch_embed.bias)
             nn.init.normal_(self.word_embeddings.weight, std=0.02)
 
@@ -177,8 +173,8 @@ class PixelDecoder(nn.Module):
         self.pred = nn.Linear(width, patch * patch * 3)
         init_fresh_weights(self)
         with torch.no_grad():
-            _trunc_normal(self.mask_token)
-            _trunc_normal(self.pos_embed)
+            trunc_normal(self.mask_token)
+            trunc_normal(self.pos_embed)
 
     def forward(self, visible: Tensor, keep: Tensor) -> Tensor:
         h = self.embed(visible)  # (B, 1+K, W)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from evlp.config.schema import ImageTowerConfig
 from evlp.errors import ConfigError
 from evlp.models.blocks import LN_EPS, PostLNBlock, run_blocks
-from evlp.models.token_prune import TokenPruning, check_prunable, run_pruned_blocks
+from evlp.models.token_prune import PrunedTower, TokenPruning, check_prunable, run_pruned_blocks
 
 
 def keep_patches(x: Tensor, rate: float) -> Tensor:
@@ -37,7 +37,7 @@ def keep_patches(x: Tensor, rate: float) -> Tensor:
     return x.gather(1, idx.unsqueeze(-1).expand(b, keep, d))
 
 
-class Data2Vec2ImageTower(nn.Module):
+class Data2Vec2ImageTower(PrunedTower, nn.Module):
     """``forward(pixels (B, 3, H, W), text_cls=None) -> tokens (B, 1 + N, width)``, CLS first; in training with
     ``model.image.patch_dropout`` only a random share of the N patch tokens goes through the blocks, and with
     ``model.image.prune_layers`` the blocks drop and merge tokens (ELIP, :mod:`evlp.models.token_prune`;
@@ -83,11 +83,6 @@ class Data2Vec2ImageTower(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
-    @property
-    def prune_text_guidance(self) -> float:
-        """The text CLS's weight in the pruning query; 0 when nothing prunes (the caller then passes no text)."""
-        return self.pruning.text_guidance if self.pruning is not None else 0.0
-
     def forward(self, pixels: Tensor, text_cls: Tensor | None = None) -> Tensor:
         x = self.patch_embed(pixels) + self.pos_embed  # (B, N, D)
         if self.training and self.patch_dropout > 0 and self.patch_dropout_on:
@@ -126,7 +121,7 @@ class Data2Vec2ImageTower(nn.Module):
         return resized
 
 
-class TimmImageTower(nn.Module):
+class TimmImageTower(PrunedTower, nn.Module):
     """Any timm model as a token encoder: ``forward(pixels) -> tokens (B, 1 + N, width)``, first token
     a summary. ViT-like models give their tokens (CLS first; a mean token is prepended when they have no
     class token); CNN feature maps are flattened into tokens with their average prepended.
@@ -168,11 +163,6 @@ class TimmImageTower(nn.Module):
                                   "to rank its patches by; use one (vit_small_patch16_224 ...) or set "
                                   "model.image.prune_layers=[]")
             check_prunable(self.model.blocks, pruning, f"timm model '{name}'")
-
-    @property
-    def prune_text_guidance(self) -> float:
-        """The text CLS's weight in the pruning query; 0 when nothing prunes (the caller then passes no text)."""
-        return self.pruning.text_guidance if self.pruning is not None else 0.0
 
     def set_patch_dropout(self, on: bool) -> None:
         """Drop patches in training (``model.image.patch_dropout``, timm's own ``PatchDropout``) or not."""

@@ -126,6 +126,11 @@ def route_top_k(logits: Tensor, top_k: int, capacity: int | None, routed: Tensor
                    load=load / load.sum().clamp_min(1.0), dropped=dropped.float(), capacity=capacity)
 
 
+def trunc_normal(p: Tensor, std: float = 0.02) -> Tensor:
+    """``p`` drawn from a normal of ``std`` truncated at one ``std`` (the released EVE code's initialisation)."""
+    return nn.init.trunc_normal_(p, std=std, a=-std, b=std)
+
+
 class StackedLinear(nn.Module):
     """E independent linear maps ``(E, C, in) -> (E, C, out)`` as one batched product. ``weight`` is (E, out, in):
     expert ``e``'s ``nn.Linear`` weight is ``weight[e]`` (the layout converters rely on).
@@ -138,7 +143,7 @@ class StackedLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(experts, out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(experts, out_features))
-        nn.init.trunc_normal_(self.weight, std=0.02, a=-0.02, b=0.02)
+        trunc_normal(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
@@ -193,12 +198,12 @@ class SparseMoE(nn.Module):
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.min_capacity, self.noisy_second, self.type_to_experts = min_capacity, noisy_second, type_to_experts
         self.router = nn.Linear(dim, num_experts, bias=False)
-        nn.init.trunc_normal_(self.router.weight, std=0.02, a=-0.02, b=0.02)
+        trunc_normal(self.router.weight)
         if type_vector:
             self.image_type = nn.Parameter(torch.empty(dim))
             self.text_type = nn.Parameter(torch.empty(dim))
             for p in (self.image_type, self.text_type):
-                nn.init.trunc_normal_(p, std=0.02, a=-0.02, b=0.02)
+                trunc_normal(p)
         else:
             self.image_type = self.text_type = None
         self.experts = ExpertMLPs(num_experts, dim, hidden, act_layer)

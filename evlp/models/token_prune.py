@@ -61,6 +61,17 @@ class TokenPruning:
         return self.keep[self.layers.index(block)] if block in self.layers else None
 
 
+class PrunedTower:
+    """What an image tower that prunes tokens in training (its ``pruning``) tells the model around it."""
+
+    pruning: TokenPruning | None = None
+
+    @property
+    def prune_text_guidance(self) -> float:
+        """The text CLS's weight in the pruning query; 0 when nothing prunes (the caller then passes no text)."""
+        return self.pruning.text_guidance if self.pruning is not None else 0.0
+
+
 def _pre_norm(block: nn.Module) -> bool | None:
     """Whether ``block``'s attention reads ``norm1(x)`` (pre-LN) rather than ``x`` (post-LN); None for a block
     type this module does not know. Looked up along the class's bases: FSDP2 swaps a wrapped block's class for a
