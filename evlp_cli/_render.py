@@ -455,7 +455,7 @@ def _bench_value(key: str, value: Any) -> str:
     if isinstance(value, int):
         return _size(value) if key.endswith("bytes") else f"{value:,}"
     if isinstance(value, float):
-        if key == "mfu":
+        if key == "mfu" or key.startswith("mfu_"):  # fractions of a rate
             return f"{100 * value:.1f}%"
         if key.endswith("flops_per_s"):
             return f"{value / 1e9:,.1f} GFLOP/s"

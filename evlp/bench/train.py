@@ -15,7 +15,9 @@ ones a kernel happens to execute.
 Two rates are measured: a large square product (the device's practical peak, ``mfu``), and the model's own
 products, every one the step ran, replayed alone on random inputs of the same shapes and layouts
 (``mfu_model_shapes``: how close the whole step comes to the speed the device reaches on exactly these
-matrices; what is missing is the time outside them).
+matrices; what is missing is the time outside them). A burst of load from elsewhere only ever slows a
+measurement down, so each rate is the best one seen: the square product is measured before the timed steps and
+after them, and each replayed product keeps its best of rounds spread over the whole replay.
 
 Weights are random (``pretrained=False``): speed does not depend on them and nothing is downloaded.
 """
@@ -123,34 +125,39 @@ def _materialise(sig: Any) -> Any:
     return sig
 
 
-def model_matmul_rate(calls: list, device: torch.device, repeats: int = 2) -> tuple[float, float]:
+def model_matmul_rate(calls: list, device: torch.device, repeats: int = 3) -> tuple[float, float]:
     """``(FLOP/s, FLOPs)`` of the recorded matrix products and convolutions (:func:`count_flops` with
     ``products``) run again on random inputs of the same shapes, strides and dtypes: the matmul rate of this
-    device at the model's own sizes. Each distinct call is timed as often as it was made (the best of
-    ``repeats`` rounds after a warm-up), one at a time, so that only one call's inputs are held."""
+    device at the model's own sizes. Each distinct call is timed as often as it was made, one at a time (only one
+    call's inputs are held), and keeps its best of ``repeats`` rounds after a warm-up. The rounds go over all the
+    calls in turn, so that the same call's rounds are seconds apart: a burst of load from elsewhere slows one of
+    them, not all."""
     import collections
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    counts = collections.Counter(calls)
-    flops, seconds = 0.0, 0.0
-    for (func, args, kwargs), n in counts.items():
-        inputs, options = [_materialise(a) for a in args], dict(kwargs)
-        counter = FlopCounterMode(display=False)
-        with counter:
-            func(*inputs, **options)  # also the warm-up
-        flops += n * float(counter.get_total_flops())
-        best = float("inf")
-        for _ in range(repeats):
+    counts = list(collections.Counter(calls).items())
+    flops = [0.0] * len(counts)
+    best = [float("inf")] * len(counts)
+    for round_ in range(repeats):
+        for i, ((func, args, kwargs), n) in enumerate(counts):
+            inputs, options = [_materialise(a) for a in args], dict(kwargs)
+            if round_ == 0:
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    func(*inputs, **options)  # also the warm-up
+                flops[i] = n * float(counter.get_total_flops())
+            else:
+                func(*inputs, **options)  # warm-up
             sync(device)
             t0 = time.perf_counter()
             for _ in range(n):
                 func(*inputs, **options)
             sync(device)
-            best = min(best, time.perf_counter() - t0)
-        seconds += best
-        del inputs
-    return (flops / seconds if seconds > 0 else float("nan")), flops
+            best[i] = min(best[i], time.perf_counter() - t0)
+            del inputs
+    seconds = sum(best)
+    return (sum(flops) / seconds if seconds > 0 else float("nan")), sum(flops)
 
 
 class _PhaseTimer:
@@ -326,6 +333,8 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
             sync(dev)
             return fwd, t2 - t0 - fwd, time.perf_counter() - t2
 
+        rate_dtype = dtype if dtype != torch.float16 or dev.type == "cuda" else torch.float32
+        rate = matmul_rate(dev, rate_dtype)  # again after the steps: the better of the two (module doc)
         for _ in range(warmup):
             step(task.on_device(to_device(next(batches), dev)))
         if dev.type == "cuda":
@@ -359,7 +368,7 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
             phases["optimizer"].append(opt)
             step_times.append(time.perf_counter() - t0)
         peak = _peak_memory(dev)
-    rate = matmul_rate(dev, dtype if dtype != torch.float16 or dev.type == "cuda" else torch.float32)
+    rate = max(rate, matmul_rate(dev, rate_dtype))
     shapes_rate, _ = model_matmul_rate(products, dev)  # with the dtypes the step ran them in
     del products
     step_s = statistics.median(step_times)

@@ -8,9 +8,12 @@ teacher is frozen, so old targets stay consistent and a plain FIFO bank needs no
 Order of a training step (every rank):
 
 1. ``out = kd_loss(s_img, s_txt, targets, bank.negatives(), scale, rank=r, world_size=W)``
-2. ``update_bank(bank, targets, W)`` — gathers the targets of *all* ranks and pushes them, so the
+2. ``update_bank(bank, targets, W)`` — gathers the targets of *all* ranks and stages them, so the
    bank stays identical on every rank. Push after the loss: the current targets must not appear
    twice among the candidates.
+3. ``loss.backward()``. The staged rows are written at the bank's next read (``negatives()`` of the next step,
+   ``push``, ``flush`` or ``state_dict``), so the backward still finds the rows the loss read: the loss
+   multiplies by the bank's own rows, never a copy of them (65,536 x 768 floats a step at the recipe's sizes).
 
 Unlike the reference, an empty bank contributes no negatives (it used to start with uniform-random
 rows), any batch size works with any bank size, and a single process needs no special case.
@@ -42,6 +45,9 @@ class MemoryBank(nn.Module):
     ``ptr`` and ``filled`` are mirrored as Python integers (refreshed whenever a state dict is loaded), so a
     training step never waits for the device to read them back.
 
+    :meth:`stage` defers a push to the bank's next read (:meth:`negatives`, :meth:`push`, :meth:`flush`, a
+    state dict): until then the buffers do not show the staged rows.
+
     Args:
         size: number of rows; 0 disables the bank (no negatives, pushes ignored).
         dim: feature width.
@@ -61,23 +67,52 @@ class MemoryBank(nn.Module):
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
         self._ptr, self._filled = 0, 0  # host copies of the two buffers
+        self._staged: list[Tensor] = []
 
     def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
         super()._load_from_state_dict(*args, **kwargs)  # type: ignore[arg-type]
         self._ptr, self._filled = int(self.ptr), int(self.filled)
+        self._staged = []  # the loaded state replaces what was staged
+
+    def _save_to_state_dict(self, *args: object, **kwargs: object) -> None:
+        self.flush()
+        super()._save_to_state_dict(*args, **kwargs)  # type: ignore[arg-type]
 
     def negatives(self) -> Tensor:
-        """The rows that hold real targets.
+        """The rows that hold real targets, staged rows written first.
 
         Returns:
             (filled, dim) view of the bank (row order is irrelevant to the loss); (0, dim) when
             empty or disabled. It is a view: copy it if you keep it across a :meth:`push`.
         """
+        self.flush()
         return self.bank[: self._filled]
+
+    def _check(self, x: Tensor) -> None:
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"MemoryBank rows must be (N, {self.dim}); got {tuple(x.shape)}")
+
+    def stage(self, x: Tensor) -> None:
+        """:meth:`push` ``x`` at the bank's next read, after anything staged before: a loss's backward that
+        still needs the rows it read (a view of the bank) stays valid, and no step copies the bank.
+
+        Args:
+            x: (N, dim) rows (detached; kept as they are until written).
+        """
+        self._check(x)
+        if self.size > 0 and x.shape[0] > 0:
+            self._staged.append(x.detach())
+
+    def flush(self) -> None:
+        """Write the staged rows, in the order they were staged."""
+        staged, self._staged = self._staged, []
+        for x in staged:
+            self._write(x)
 
     @torch.no_grad()
     def push(self, x: Tensor) -> None:
-        """Write the rows of ``x`` first-in-first-out, starting at ``ptr`` and wrapping around.
+        """Write the rows of ``x`` first-in-first-out, starting at ``ptr`` and wrapping around (after any staged
+        rows).
 
         Equivalent to writing row i at ``(ptr + i) % size`` in order; when ``N > size`` only the
         last ``size`` rows survive. Any N works (no divisibility requirement).
@@ -85,8 +120,12 @@ class MemoryBank(nn.Module):
         Args:
             x: (N, dim) rows, cast to the bank's dtype and device.
         """
-        if x.dim() != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"MemoryBank.push expects (N, {self.dim}); got {tuple(x.shape)}")
+        self._check(x)
+        self.flush()
+        self._write(x)
+
+    @torch.no_grad()
+    def _write(self, x: Tensor) -> None:
         n = x.shape[0]
         if self.size == 0 or n == 0:
             return
@@ -147,7 +186,8 @@ def kd_loss(
         student_text: (B, D) raw student text KD features (normalised here).
         targets: (B, D) raw teacher CLS targets (normalised here, never receive gradient).
         bank_negatives: (M, D) L2-normalised stored targets, e.g. ``bank.negatives()`` (the bank
-            stores normalised rows via :func:`update_bank`); None or (0, D) for in-batch only.
+            stores normalised rows via :func:`update_bank`); None or (0, D) for in-batch only. The loss's
+            backward reads them again: do not overwrite them in place before it (:meth:`MemoryBank.stage`).
         logit_scale: the multiplicative scale (already exponentiated), e.g. 1/0.07.
         rank: global rank of this process.
         world_size: number of processes; every rank must have the same B.
@@ -173,10 +213,13 @@ def kd_loss(
     if global_negatives and world_size > 1:
         everyone = gather_no_grad(tgt, world_size)  # (W * B, D)
         parts += [everyone[: rank * batch], everyone[(rank + 1) * batch :]]  # (B * (W - 1), D)
-    candidates = torch.cat(parts, dim=0)  # (B + M [+ B * (W - 1)], D); a copy, safe across push()
 
-    logits_image = logit_scale * s_img @ candidates.T  # (B, C)
-    logits_text = logit_scale * s_txt @ candidates.T  # (B, C)
+    # the candidates (B + M [+ B * (W - 1)], D) are never concatenated: both students' rows meet each part in
+    # one product, and the (2B, C) logits are joined instead (the bank is read once, not copied)
+    students = logit_scale * torch.cat([s_img, s_txt])  # (2B, D)
+    blocks = [students @ part.T for part in parts]
+    logits = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]  # (2B, C)
+    logits_image, logits_text = logits[:batch], logits[batch:]  # (B, C) each
     labels = torch.arange(batch, device=tgt.device)  # (B,)
 
     loss_image = F.cross_entropy(logits_image, labels)
@@ -195,7 +238,8 @@ def kd_loss(
 
 @torch.no_grad()
 def update_bank(bank: MemoryBank, targets: Tensor, world_size: int) -> None:
-    """Gather the current targets of all ranks and push them, L2-normalised, into the bank.
+    """Gather the current targets of all ranks and stage them, L2-normalised, for the bank
+    (:meth:`MemoryBank.stage`: written at its next read, after this step's backward).
 
     Call it on every rank after :func:`kd_loss`: every rank pushes the same gathered rows in the
     same (rank) order, so the banks stay identical without any broadcast.
@@ -208,4 +252,4 @@ def update_bank(bank: MemoryBank, targets: Tensor, world_size: int) -> None:
     if bank.size == 0:  # same on every rank, so skipping the collective is safe
         return
     everyone = gather_no_grad(targets, world_size)  # (W * B, D)
-    bank.push(F.normalize(upcast_half(everyone), dim=-1))
+    bank.stage(F.normalize(upcast_half(everyone), dim=-1))

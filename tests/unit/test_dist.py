@@ -93,6 +93,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             with_global = kd_loss(*args, bank.negatives(), KD_SCALE, rank=rank, world_size=WORLD, global_negatives=True)
             local_only = kd_loss(*args, bank.negatives(), KD_SCALE, rank=rank, world_size=WORLD)
             update_bank(bank, data["kd_tgt"][step][mine], WORLD)
+            bank.flush()  # the staged rows, as the next step's read writes them
             steps.append(
                 {
                     "global": with_global.loss.item(),

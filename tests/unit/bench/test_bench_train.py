@@ -47,8 +47,9 @@ def test_the_model_sizes_matmul_rate_replays_the_products() -> None:
     from evlp.bench.train import _materialise
 
     assert _materialise(first[2]).stride() == (1, 32) and _materialise(first[0]).shape == (16,)
-    rate, replayed = model_matmul_rate(calls, torch.device("cpu"), repeats=1)
-    assert replayed == flops and rate > 1e6
+    for repeats in (1, 3):
+        rate, replayed = model_matmul_rate(calls, torch.device("cpu"), repeats=repeats)
+        assert replayed == flops and rate > 1e6
 
 
 def test_bench_train_figures_are_consistent(synth_data: Path) -> None:
@@ -95,3 +96,11 @@ def test_bench_commands_print_json(tiny_run: Path) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads(res.stdout)
     assert data["image_embeddings_per_s"] > 0 and data["text_embeddings_per_s"] > 0
+
+
+def test_bench_table_shows_every_mfu_as_a_percentage() -> None:
+    from evlp_cli._render import _bench_value
+
+    for key in ("mfu", "mfu_model_shapes"):
+        assert _bench_value(key, 0.8523) == "85.2%", key
+    assert _bench_value("model_matmul_flops_per_s", 188.04e9) == "188.0 GFLOP/s"

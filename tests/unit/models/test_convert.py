@@ -225,6 +225,20 @@ def test_beitv2_teacher_target_matches_original(tmp_path: Path) -> None:
     torch.testing.assert_close(out, _beit_reference_cls(ckpt["model"], img, depth=2), atol=1e-5, rtol=1e-5)
 
 
+def test_beitv2_teacher_runs_on_the_flash_kernel(tmp_path: Path) -> None:
+    """The shared relative position bias reaches scaled_dot_product_attention as a mask its CPU flash kernel
+    takes (a 3-D one has no flash kernel: sdpa_kernel(FLASH_ATTENTION) then raises), with the same target."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    ckpt = _beit_checkpoint(blocks=2)
+    model = _beit(depth=2)
+    load_beitv2_teacher(model, _save(ckpt, tmp_path / "beitv2_base_patch16_224_pt1k.pth"))
+    img = _images()
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = FrozenTeacher(model, "cls")(img)
+    torch.testing.assert_close(out, _beit_reference_cls(ckpt["model"], img, depth=2), atol=1e-5, rtol=1e-5)
+
+
 def test_beitv2_keeps_exact_tensors_and_drops_the_rest(tmp_path: Path) -> None:
     raw = _beit_checkpoint(blocks=2)["model"]
     model = _beit(depth=2)
