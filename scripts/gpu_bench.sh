@@ -28,6 +28,7 @@ import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 record = {name: json.loads((out / f"{name}.json").read_text()) for name in ("train", "train_compile", "data", "data_workers")}
 for r in record.values():
-    r.pop("step_s_all", None)
+    for key in [k for k in r if k.endswith("_all")]:  # the per-step lists
+        r.pop(key)
 print(json.dumps(record))
 PY

@@ -15,9 +15,11 @@ ones a kernel happens to execute.
 Two rates are measured: a large square product (the device's practical peak, ``mfu``), and the model's own
 products, every one the step ran, replayed alone on random inputs of the same shapes and layouts
 (``mfu_model_shapes``: how close the whole step comes to the speed the device reaches on exactly these
-matrices; what is missing is the time outside them). A burst of load from elsewhere only ever slows a
-measurement down, so each rate is the best one seen: the square product is measured before the timed steps and
-after them, and each replayed product keeps its best of rounds spread over the whole replay.
+matrices; what is missing is the time outside them). Both are measured right after each timed step, and each
+MFU is the median over the steps of the step's own ratio: on a shared machine a slow period slows a step and
+the rates measured beside it alike, where one rate measured apart from the steps made the MFU of the same code
+move by a tenth between runs. ``matmul_flops_per_s`` and ``model_matmul_flops_per_s`` are the best rates seen
+(each replayed product at its best time); the ``*_all`` lists hold the per-step figures.
 
 Weights are random (``pretrained=False``): speed does not depend on them and nothing is downloaded.
 """
@@ -125,39 +127,56 @@ def _materialise(sig: Any) -> Any:
     return sig
 
 
-def model_matmul_rate(calls: list, device: torch.device, repeats: int = 3) -> tuple[float, float]:
-    """``(FLOP/s, FLOPs)`` of the recorded matrix products and convolutions (:func:`count_flops` with
-    ``products``) run again on random inputs of the same shapes, strides and dtypes: the matmul rate of this
-    device at the model's own sizes. Each distinct call is timed as often as it was made, one at a time (only one
-    call's inputs are held), and keeps its best of ``repeats`` rounds after a warm-up. The rounds go over all the
-    calls in turn, so that the same call's rounds are seconds apart: a burst of load from elsewhere slows one of
-    them, not all."""
-    import collections
+class _Replay:
+    """The recorded matrix products and convolutions of a step (:func:`count_flops` with ``products``), run again
+    on random inputs of the same shapes, strides and dtypes, one round at a time: each distinct call as often as
+    it was made, after a warm-up call, one call's inputs held at a time. ``flops`` is the round's FLOPs (counted
+    once, here); ``best_rate()`` the rate of the best time each call took over all rounds so far."""
 
-    from torch.utils.flop_counter import FlopCounterMode
+    def __init__(self, calls: list, device: torch.device) -> None:
+        import collections
 
-    counts = list(collections.Counter(calls).items())
-    flops = [0.0] * len(counts)
-    best = [float("inf")] * len(counts)
-    for round_ in range(repeats):
-        for i, ((func, args, kwargs), n) in enumerate(counts):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self.device, self.counts = device, list(collections.Counter(calls).items())
+        self.flops = 0.0
+        for (func, args, kwargs), n in self.counts:
+            counter = FlopCounterMode(display=False)
+            with counter:
+                func(*[_materialise(a) for a in args], **dict(kwargs))
+            self.flops += n * float(counter.get_total_flops())
+        self.best = [float("inf")] * len(self.counts)
+
+    def round(self) -> float:
+        """Seconds of one round (the sum of its calls' times)."""
+        total = 0.0
+        for i, ((func, args, kwargs), n) in enumerate(self.counts):
             inputs, options = [_materialise(a) for a in args], dict(kwargs)
-            if round_ == 0:
-                counter = FlopCounterMode(display=False)
-                with counter:
-                    func(*inputs, **options)  # also the warm-up
-                flops[i] = n * float(counter.get_total_flops())
-            else:
-                func(*inputs, **options)  # warm-up
-            sync(device)
+            func(*inputs, **options)  # warm-up
+            sync(self.device)
             t0 = time.perf_counter()
             for _ in range(n):
                 func(*inputs, **options)
-            sync(device)
-            best[i] = min(best[i], time.perf_counter() - t0)
+            sync(self.device)
+            spent = time.perf_counter() - t0
+            self.best[i] = min(self.best[i], spent)
+            total += spent
             del inputs
-    seconds = sum(best)
-    return (sum(flops) / seconds if seconds > 0 else float("nan")), sum(flops)
+        return total
+
+    def best_rate(self) -> float:
+        seconds = sum(self.best)
+        return self.flops / seconds if 0 < seconds < float("inf") else float("nan")
+
+
+def model_matmul_rate(calls: list, device: torch.device, repeats: int = 3) -> tuple[float, float]:
+    """``(FLOP/s, FLOPs)`` of the recorded matrix products and convolutions (:class:`_Replay`): the matmul rate of
+    this device at the model's own sizes, each call at its best of ``repeats`` rounds (the rounds go over all the
+    calls in turn, so a burst of load from elsewhere slows one of a call's rounds, not all)."""
+    replay = _Replay(calls, device)
+    for _ in range(repeats):
+        replay.round()
+    return replay.best_rate(), replay.flops
 
 
 class _PhaseTimer:
@@ -224,9 +243,10 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
 
     Returns:
         ``samples_per_s``, ``step_s`` (median), ``mfu`` (0-1, against a square product's rate),
-        ``mfu_model_shapes`` (against the rate of the model's own products, :func:`model_matmul_rate`),
-        ``peak_memory_bytes``, ``breakdown_s`` (median seconds per phase), ``model_flops_per_step``,
-        ``matmul_flops_per_s``, ``model_matmul_flops_per_s`` and what was measured.
+        ``mfu_model_shapes`` (against the rate of the model's own products, :class:`_Replay`; both the median of
+        the per-step ratios, module doc), ``peak_memory_bytes``, ``breakdown_s`` (median seconds per phase),
+        ``model_flops_per_step``, ``matmul_flops_per_s`` and ``model_matmul_flops_per_s`` (the best rates seen;
+        ``*_all``: the one measured after each step, as ``step_s_all``) and what was measured.
     """
     from evlp.data.mix import training_shards
     from evlp.data.teacher_cache import StandInTargets
@@ -334,7 +354,8 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
             return fwd, t2 - t0 - fwd, time.perf_counter() - t2
 
         rate_dtype = dtype if dtype != torch.float16 or dev.type == "cuda" else torch.float32
-        rate = matmul_rate(dev, rate_dtype)  # again after the steps: the better of the two (module doc)
+        replay = _Replay(products, dev)  # with the dtypes the step ran them in
+        del products
         for _ in range(warmup):
             step(task.on_device(to_device(next(batches), dev)))
         if dev.type == "cuda":
@@ -343,6 +364,9 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
                                           ("data_wait", "augment", "teacher", "student_forward", "loss", "backward",
                                            "optimizer")}
         step_times: list[float] = []
+        square_rates: list[float] = []
+        shapes_rates: list[float] = []
+        peak = 0
         for _ in range(steps):  # the breakdown: synchronised phases
             t0 = time.perf_counter()
             b = to_device(next(batches), dev)
@@ -367,10 +391,12 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
             phases["backward"].append(bwd)
             phases["optimizer"].append(opt)
             step_times.append(time.perf_counter() - t0)
-        peak = _peak_memory(dev)
-    rate = max(rate, matmul_rate(dev, rate_dtype))
-    shapes_rate, _ = model_matmul_rate(products, dev)  # with the dtypes the step ran them in
-    del products
+            peak = max(peak, _peak_memory(dev))
+            # the rates right after the step, under the same load from elsewhere (module doc)
+            shapes_rates.append(replay.flops / replay.round())
+            square_rates.append(matmul_rate(dev, rate_dtype))
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)  # the step's peak, not the replay's
     step_s = statistics.median(step_times)
     return {
         "device": device_name(dev),
@@ -382,8 +408,10 @@ def bench_train(cfg: PretrainConfig, *, steps: int = 10, warmup: int = 2, device
         "samples_per_s": batch / step_s, "step_s": step_s, "step_s_all": step_times,
         "breakdown_s": {k: statistics.median(v) for k, v in phases.items()},
         "model_flops_per_step": flops, "model_flops_per_sample": flops / batch,
-        "matmul_flops_per_s": rate, "mfu": flops / step_s / rate,
-        "model_matmul_flops_per_s": shapes_rate, "mfu_model_shapes": flops / step_s / shapes_rate,
+        "matmul_flops_per_s": max(square_rates), "matmul_flops_per_s_all": square_rates,
+        "mfu": statistics.median(flops / t / r for t, r in zip(step_times, square_rates)),
+        "model_matmul_flops_per_s": replay.best_rate(), "model_matmul_flops_per_s_all": shapes_rates,
+        "mfu_model_shapes": statistics.median(flops / t / r for t, r in zip(step_times, shapes_rates)),
         "peak_memory_bytes": peak,
         "peak_memory_kind": "max allocated (CUDA)" if dev.type == "cuda" else "peak RSS of the process",
     }

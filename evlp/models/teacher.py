@@ -58,7 +58,7 @@ def _shared_bias_4d() -> type[nn.Module]:
     """timm's shared relative position bias returning a (1, heads, T, T) attention mask instead of (heads, T, T):
     the same values and parameter names, but scaled_dot_product_attention's CPU flash kernel takes 2-D and 4-D
     masks only, so a 3-D one sent every teacher block to the math kernel (the (B, heads, T, T) scores
-    materialised, copied and soft-maxed explicitly: ~15 % of the teacher's time on CPU)."""
+    materialised, copied and soft-maxed explicitly: 10-15 % of the teacher's time on CPU)."""
     from timm.models.beit import RelativePositionBias
 
     class SharedBias4d(RelativePositionBias):
