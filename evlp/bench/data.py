@@ -76,7 +76,7 @@ def _count(batch: dict[str, torch.Tensor]) -> int:
 def _device_rate(augment: Any, batches: list[dict[str, torch.Tensor]], device: torch.device) -> float:
     """Images/s of the device half of the augmentation (evlp.data.device_augment) over ``batches`` on
     ``device``, after one warm-up batch; timed over whole passes until at least ``_DECODE_MIN_S``."""
-    from evlp.bench.train import sync
+    from evlp.bench.rates import sync
 
     on_device = [{k: b[k].to(device) for k in ("image_pixels", "image_params")} for b in batches]
     augment.on_device(on_device[0]["image_pixels"], on_device[0]["image_params"])

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from evlp.bench.train import device_name, sync
+from evlp.bench.rates import device_name, sync
 
 
 def _rate(fn: Any, n: int, device: torch.device, rounds: int) -> float:

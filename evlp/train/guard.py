@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,18 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+    def worker_stop(self, wait: float = 1.0) -> str | None:
+        """:attr:`requested`, also when the stop signal's SIGCHLD has not come yet: a worker's death can surface
+        in this process (a pipe closed mid-batch) a moment before the kernel signals it, so a child killed by a
+        stop signal is looked for until one is found or ``wait`` seconds have passed."""
+        deadline = time.monotonic() + wait
+        while self.requested is None:
+            self._workers = _stop_signal_of_dead_child()
+            if self._workers is not None or time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
+        return self.requested
 
     @property
     def code(self) -> int:

@@ -274,8 +274,9 @@ class _Run:
             batch = to_device(next(batches), acc.device)
         except Exception:
             # a stop signal that also reached the DataLoader's workers (a scheduler signalling every process)
-            # can end them while we wait for a batch: one process stops at its last completed step
-            if self.signals.requested and self.dist.world_size == 1:
+            # can end them while we wait for a batch: one process stops at its last completed step (the error can
+            # come before the signal of the worker's death: worker_stop waits a moment for it)
+            if self.dist.world_size == 1 and self.signals.worker_stop():
                 raise _DataStopped from None
             raise
         batch = self.task.on_device(batch)

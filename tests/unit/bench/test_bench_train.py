@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from evlp.bench.train import bench_train, count_flops, matmul_rate, model_matmul_rate
+from evlp.bench.rates import count_flops, matmul_rate, model_matmul_rate
+from evlp.bench.train import bench_train
 from evlp.config import PretrainConfig, load_config
 from tests.conftest import run_cli
 
@@ -44,7 +45,7 @@ def test_the_model_sizes_matmul_rate_replays_the_products() -> None:
     assert "aten.convolution.default" in names and "aten.convolution_backward.default" in names
     first = calls[0][1]
     assert first[1][1:3] == ((8, 32), (32, 1)) and first[2][1:3] == ((32, 16), (1, 32))  # x, and weight.T
-    from evlp.bench.train import _materialise
+    from evlp.bench.rates import _materialise
 
     assert _materialise(first[2]).stride() == (1, 32) and _materialise(first[0]).shape == (16,)
     for repeats in (1, 3):

@@ -100,6 +100,24 @@ def test_second_sigint_aborts_at_once() -> None:
             time.sleep(0.1)
 
 
+def test_worker_stop_waits_for_the_death_signal_of_a_child() -> None:
+    """A data error can come before the SIGCHLD of the worker's death that caused it: worker_stop finds the
+    child killed by a stop signal (still unreaped) within its wait, and finds none for a child that just exited."""
+    code = "import os, signal, time; time.sleep(0.3); os.kill(os.getpid(), signal.{})"
+    child = subprocess.Popen([sys.executable, "-c", code.format("SIGTERM")])
+    try:
+        assert StopSignals().worker_stop(wait=30) == "SIGTERM"
+    finally:
+        child.wait()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        child.wait()  # reaped: nothing left to find
+        start = time.monotonic()
+        assert StopSignals().worker_stop(wait=0.3) is None and time.monotonic() - start >= 0.3
+    finally:
+        child.wait()
+
+
 # ---------------------------------------------------------------------- exact resume, any workers
 @pytest.mark.parametrize("workers", [0, 1, 2])
 def test_resume_is_bit_exact_whatever_the_workers(tmp_path: Path, workers: int) -> None:
