@@ -285,6 +285,24 @@ def test_torchvisions_decode_gives_pils_pixels(size: tuple[int, int], subsamplin
     np.testing.assert_array_equal(fast.numpy(), np.asarray(load_rgb(io.BytesIO(buf.getvalue()))))
 
 
+def test_the_bare_decode_op_is_used_only_when_it_decodes_as_torchvision_does() -> None:
+    """The registered op is called without decode_jpeg's wrapper only after it decoded a test image exactly as the
+    wrapper does; a wrapper that disagrees (another op signature, another mode) keeps the wrapper."""
+    pytest.importorskip("torchvision")
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from evlp.data.transforms import _bare_jpeg_op
+
+    bare = _bare_jpeg_op(decode_jpeg, ImageReadMode.RGB)
+    assert bare is not None
+    buf = io.BytesIO()
+    Image.fromarray(_photo(40, 30, seed=3)).save(buf, "JPEG", quality=85)
+    data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    assert torch.equal(bare(data), decode_jpeg(data, mode=ImageReadMode.RGB))
+    assert _bare_jpeg_op(lambda d, mode: decode_jpeg(d, mode=mode).flip(-1), ImageReadMode.RGB) is None
+    assert _bare_jpeg_op(decode_jpeg, ImageReadMode.GRAY) is not None  # its own mode, consistently
+
+
 def test_the_fast_path_is_only_for_undecoded_rgb_jpegs() -> None:
     """Decoded, drafted, grey, CMYK and PNG images, and broken files, are left to PIL (which then raises PIL's
     error for the broken one, as before)."""
