@@ -11,7 +11,6 @@ undo the batch's normalisation, resize (bicubic, antialiased, as CLIP's processo
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Sequence
 from functools import partial
@@ -47,25 +46,16 @@ def build_beit(cfg: TeacherConfig) -> nn.Module:
         use_shared_rel_pos_bias=True, drop_path_rate=0.0, norm_layer=partial(nn.LayerNorm, eps=LN_EPS),
     )
     model.norm = nn.Identity()
-    shared = model.rel_pos_bias
-    model.rel_pos_bias = _shared_bias_4d()(window_size=shared.window_size, num_heads=cfg.num_heads)
-    model.rel_pos_bias.load_state_dict(shared.state_dict())
+    model.rel_pos_bias.register_forward_hook(_as_4d_mask)
     return model
 
 
-@functools.cache
-def _shared_bias_4d() -> type[nn.Module]:
-    """timm's shared relative position bias returning a (1, heads, T, T) attention mask instead of (heads, T, T):
-    the same values and parameter names, but scaled_dot_product_attention's CPU flash kernel takes 2-D and 4-D
-    masks only, so a 3-D one sent every teacher block to the math kernel (the (B, heads, T, T) scores
-    materialised, copied and soft-maxed explicitly: 10-15 % of the teacher's time on CPU)."""
-    from timm.models.beit import RelativePositionBias
-
-    class SharedBias4d(RelativePositionBias):
-        def forward(self) -> Tensor:
-            return super().forward().unsqueeze(0)
-
-    return SharedBias4d
+def _as_4d_mask(module: nn.Module, args: Any, bias: Tensor) -> Tensor:
+    """Forward hook on timm's shared relative position bias: (heads, T, T) -> (1, heads, T, T), the same values.
+    scaled_dot_product_attention's CPU flash kernel takes 2-D and 4-D masks only, so a 3-D one sent every teacher
+    block to the math kernel (the (B, heads, T, T) scores materialised, copied and soft-maxed explicitly: 10-15 %
+    of the teacher's time on CPU)."""
+    return bias.unsqueeze(0)
 
 
 class FrozenTeacher(nn.Module):

@@ -272,6 +272,8 @@ class _Run:
         acc, module = self.acc, self.module
         try:
             batch = to_device(next(batches), acc.device)
+        except StopIteration:  # a finite stream's end is no worker's death: nothing to wait for
+            raise
         except Exception:
             # a stop signal that also reached the DataLoader's workers (a scheduler signalling every process)
             # can end them while we wait for a batch: one process stops at its last completed step (the error can
