@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from evlp.config.schema import PretrainConfig
-from evlp.data.device_augment import DeferredImage, TrainAugment, collate_images
-from evlp.data.handover import BatchRing, Returns, pack_batch, stack_images
+from evlp.data.device_augment import TrainAugment, collate_pixels
+from evlp.data.handover import BatchRing, Returns, loader_ring, pack_batch
 from evlp.data.layouts import IMAGE_EXTENSIONS, IMAGE_SUFFIXES
 from evlp.data.seeding import close_loader, loader_generator, quiet_worker, seeded
 from evlp.data.shards import SKIP_ERRORS, ShardStream, index_shard
@@ -63,10 +63,7 @@ class _Collate:
         self.ring = ring
 
     def __call__(self, samples: list[Any]) -> dict[str, torch.Tensor]:
-        kept = [s for s in samples if s is not None]
-        if kept and isinstance(kept[0], DeferredImage):
-            return pack_batch(collate_images(kept, self.ring), self.ring)
-        return stack_images(kept, self.ring)
+        return pack_batch(collate_pixels([s for s in samples if s is not None], self.ring), self.ring)
 
 
 def _count(batch: dict[str, torch.Tensor]) -> int:
@@ -246,7 +243,7 @@ def bench_data(
     augment = pretrain_transforms(cfg.data, img_size)[0]
     deferred = isinstance(augment, TrainAugment)
     prefetch = 2
-    ring = BatchRing(workers, prefetch + 3) if workers else None
+    ring = loader_ring(workers, prefetch)
     decode = _DecodeImage(augment, draft)
     collate = _Collate(ring)
     if kind == "shards":

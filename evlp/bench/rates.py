@@ -62,7 +62,7 @@ def count_flops(fn: Any, products: list | None = None) -> float:
 
 class _Products(TorchDispatchMode):
     """Records each matrix product and convolution a block of code runs: ``(op, argument signature)``, tensors
-    as ``("tensor", shape, stride, dtype, device)``, so that :func:`model_matmul_rate` can run the same calls on
+    as ``("tensor", shape, stride, dtype, device)``, so that :class:`Replay` can run the same calls on
     fresh inputs."""
 
     def __init__(self, calls: list) -> None:
@@ -137,13 +137,3 @@ class Replay:
     def best_rate(self) -> float:
         seconds = sum(self.best)
         return self.flops / seconds if 0 < seconds < float("inf") else float("nan")
-
-
-def model_matmul_rate(calls: list, device: torch.device, repeats: int = 3) -> tuple[float, float]:
-    """``(FLOP/s, FLOPs)`` of the recorded matrix products and convolutions (:class:`Replay`): the matmul rate of
-    this device at the model's own sizes, each call at its best of ``repeats`` rounds (the rounds go over all the
-    calls in turn, so a burst of load from elsewhere slows one of a call's rounds, not all)."""
-    replay = Replay(calls, device)
-    for _ in range(repeats):
-        replay.round()
-    return replay.best_rate(), replay.flops

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from evlp.data.handover import SLOT_KEY, BatchRing, batch_empty
+from evlp.data.handover import SLOT_KEY, BatchRing, batch_empty, stack_images
 from evlp.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -145,12 +145,17 @@ class TrainAugment:
         drawn = self.draw(torch.empty(1, 1, 1).expand(1, size[1], size[0]))  # its size is all timm looks at
         _, _, h, w = drawn[0]
         out = self.img_size
-        if draft_scale((w, h), (out, out)) == 1 and max(w, h) <= _MAX_DEVICE_REDUCTION * out:
+        if self._resampled_whole(draft_scale((w, h), (out, out)), w, h):
             decoded = decode_jpeg_bytes(data, size)
             if decoded is not None:
                 return self._decoded(decoded, drawn)
         # drafted, or broken (PIL's decode and errors; torchvision is not tried again)
         return self._deferred(open_rgb(io.BytesIO(data)), drawn, fast=False)
+
+    def _resampled_whole(self, scale: int, w: int, h: int) -> bool:
+        """Whether a ``w`` x ``h`` box decoded at 1/``scale`` is handed over as it is, undrafted and small enough
+        for the device's resampling: then torchvision may decode it (:meth:`_decoded`)."""
+        return scale == 1 and max(w, h) <= _MAX_DEVICE_REDUCTION * self.img_size
 
     @staticmethod
     def _decoded(decoded: Tensor, drawn: tuple) -> DeferredImage:
@@ -165,7 +170,7 @@ class TrainAugment:
         (i, j, h, w), flip, factors, order = drawn
         out = self.img_size
         s = draft_for(img, (w, h), (out, out))
-        if s == 1 and max(w, h) <= _MAX_DEVICE_REDUCTION * out:
+        if self._resampled_whole(s, w, h):
             decoded = decode_jpeg_pixels(img) if fast and self.fast_jpeg else None
             if decoded is not None:
                 return self._decoded(decoded, drawn)
@@ -223,6 +228,14 @@ def collate_images(images: Sequence[DeferredImage], ring: BatchRing | None = Non
     if slot >= 0:
         batch[SLOT_KEY] = slot
     return batch
+
+
+def collate_pixels(images: Sequence[Any], ring: BatchRing | None = None) -> dict[str, Tensor]:
+    """A batch's images: :func:`collate_images` for deferred ones (``data.augment_on=device``), else
+    :func:`~evlp.data.handover.stack_images` of the augmented tensors; in a buffer of ``ring`` when one is free."""
+    if images and isinstance(images[0], DeferredImage):
+        return collate_images(images, ring)
+    return stack_images(list(images), ring)
 
 
 def bicubic_weights(start: Tensor, stop: Tensor, valid: Tensor, size: int, out: int) -> Tensor:

@@ -155,6 +155,13 @@ class BatchRing:
             self.held[slot] = 0
 
 
+def loader_ring(workers: int, prefetch: int) -> BatchRing | None:
+    """The ring for a DataLoader of ``workers`` workers and ``prefetch_factor`` ``prefetch``: a worker's queued
+    batches, the one it writes, the one the consumer steps on and the one it still holds while asking for the
+    next (``prefetch + 3`` buffers); None without workers."""
+    return BatchRing(workers, prefetch + 3) if workers > 0 else None
+
+
 def stack_images(images: list[Tensor], ring: BatchRing | None = None) -> dict[str, Tensor]:
     """``{"image": torch.stack(images)}``, built in a buffer of ``ring`` when one is free (its slot then under
     :data:`SLOT_KEY`) and otherwise as :func:`shared_empty` allocates."""

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from evlp.data.device_augment import DeferredImage, collate_images
-from evlp.data.handover import BatchRing, Returns, pack_batch, stack_images
+from evlp.data.device_augment import collate_pixels
+from evlp.data.handover import BatchRing, Returns, loader_ring, pack_batch
 from evlp.data.layouts import IMAGE_EXTENSIONS
 from evlp.data.mix import MixedStream, MixTracker, Source
 from evlp.data.seeding import close_loader, loader_generator, quiet_worker
@@ -55,11 +55,7 @@ class CollateBatch:
         self.tokenizer, self.ring = tokenizer, ring
 
     def __call__(self, samples: list[tuple[Tensor, str] | tuple[Tensor, str, Tensor]]) -> dict[str, Tensor]:
-        images = [s[0] for s in samples]
-        if images and isinstance(images[0], DeferredImage):
-            batch = collate_images(images, self.ring)
-        else:
-            batch = stack_images(images, self.ring)
+        batch = collate_pixels([s[0] for s in samples], self.ring)
         batch.update(self.tokenizer([s[1] for s in samples]))
         if samples and len(samples[0]) > 2:  # cached teacher targets (see evlp.data.teacher_cache)
             batch["teacher_target"] = torch.stack([s[2] for s in samples])  # type: ignore[misc]
@@ -137,8 +133,7 @@ class PairBatches:
         build them in reusable buffers (:mod:`evlp.data.handover`), each one back in use once the batch
         it carried is no longer referenced."""
         workers, prefetch = self.num_workers, 4
-        # a worker's queued batches, the one the loop steps on and the one it still holds while asking for the next
-        ring = BatchRing(workers, prefetch + 3) if workers > 0 else None
+        ring = loader_ring(workers, prefetch)
         returns = Returns(ring)
         loader = torch.utils.data.DataLoader(
             self._stream(resume, ring), batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
