@@ -3,10 +3,12 @@
 The pipeline measured is the one pretraining runs: shard members (or loose image files) are read, decoded (with
 JPEG draft when the crop allows it, see evlp.data.transforms), augmented by the recipe's train transform under
 the per-sample seeding of evlp.data.seeding, and stacked into batches by ``N`` DataLoader workers. With
-``data.augment_on=device`` (the default on a GPU) the workers decode and draw the augmentation and hand over uint8 pixels;
-the crop-resize, flip, jitter and normalisation run batched on the device (evlp.data.device_augment), timed
-separately on the batches the workers delivered. Captions are not tokenised: the figure is about images. Next to it, plain PIL decoding of the same files (``Image.open`` +
-``convert("RGB")``, in this process) gives the ceiling one core could reach.
+``data.augment_on=device`` (the default on a GPU) the workers decode and draw the augmentation and hand over
+uint8 pixels; the crop-resize, flip, jitter and normalisation run batched on the device
+(evlp.data.device_augment), timed separately on the batches the workers delivered. Captions are not tokenised:
+the figure is about images. Next to it, plain PIL decoding of the same files (``Image.open`` +
+``convert("RGB")``, in this process) gives the ceiling one core could reach; it is timed before and after the
+pipeline, and the faster round is the reference.
 
 Both rates are wall-clock rates after a warm-up (worker start-up and the first batches are excluded). With
 ``workers=0`` the pipeline runs in this process with torch limited to one thread, like a DataLoader worker, so
@@ -27,7 +29,7 @@ from evlp.data.device_augment import TrainAugment, collate_pixels
 from evlp.data.handover import BatchRing, Returns, loader_ring, pack_batch
 from evlp.data.layouts import IMAGE_EXTENSIONS, IMAGE_SUFFIXES
 from evlp.data.seeding import close_loader, loader_generator, quiet_worker, seeded
-from evlp.data.shards import SKIP_ERRORS, ShardStream, index_shard
+from evlp.data.shards import SKIP_ERRORS, BrokenSamples, ShardStream, index_shard
 from evlp.data.transforms import pretrain_transforms, transform_file
 from evlp.errors import ConfigError, DataNotFoundError
 
@@ -40,19 +42,20 @@ def _image_bytes(members: dict[str, bytes]) -> bytes | None:
 
 
 class _DecodeImage:
-    """Image bytes -> augmented pixels (3, H, W), as pretraining's ``DecodeSample`` does minus the caption.
+    """Image bytes -> augmented pixels (3, H, W), as pretraining's ``DecodeSample`` does minus the caption (in a
+    shard stream, JPEGs are decoded into the batch as there: :class:`~evlp.data.device_augment.JpegBox`).
 
     ``draft=False`` decodes every image in full before the transform (the pipeline before JPEG draft)."""
 
     def __init__(self, transform: Any, draft: bool) -> None:
         self.transform, self.draft = transform, draft
 
-    def pixels(self, data: bytes) -> Any:
-        return transform_file(self.transform, data, draft=self.draft)
+    def pixels(self, data: bytes, lazy: bool = False) -> Any:
+        return transform_file(self.transform, data, draft=self.draft, lazy=lazy)
 
     def __call__(self, members: dict[str, bytes], key: str) -> torch.Tensor | None:  # a ShardStream decode
         data = _image_bytes(members)
-        return None if data is None else self.pixels(data)
+        return None if data is None else self.pixels(data, lazy=True)
 
 
 class _Collate:
@@ -63,7 +66,12 @@ class _Collate:
         self.ring = ring
 
     def __call__(self, samples: list[Any]) -> dict[str, torch.Tensor]:
-        return pack_batch(collate_pixels([s for s in samples if s is not None], self.ring), self.ring)
+        present = [k for k, s in enumerate(samples) if s is not None]
+        try:
+            batch = collate_pixels([samples[k] for k in present], self.ring)
+        except BrokenSamples as broken:  # positions in the list given
+            raise BrokenSamples([present[k] for k in broken.positions]) from None
+        return pack_batch(batch, self.ring)
 
 
 def _count(batch: dict[str, torch.Tensor]) -> int:
@@ -143,9 +151,8 @@ def _sample_bytes(kind: str, paths: list[Path], limit: int) -> list[bytes]:
     return blobs
 
 
-def _decode_rate(blobs: list[bytes]) -> tuple[int, float, list[tuple[int, int]]]:
-    """(images decoded, seconds, their sizes): plain PIL decoding, timed over whole passes after a warm-up pass
-    that also leaves out the images that do not decode."""
+def _decodable(blobs: list[bytes]) -> tuple[list[bytes], list[tuple[int, int]]]:
+    """The images that decode, and their sizes (also the plain decoding's warm-up pass)."""
     from PIL import Image
 
     good, sizes = [], []
@@ -157,6 +164,13 @@ def _decode_rate(blobs: list[bytes]) -> tuple[int, float, list[tuple[int, int]]]
             pass
     if not good:
         raise DataNotFoundError("none of the sampled images decodes — check them with `evlp data verify`")
+    return good, sizes
+
+
+def _decode_rate(good: list[bytes]) -> tuple[int, float]:
+    """(images decoded, seconds): plain PIL decoding of ``good``, timed over whole passes."""
+    from PIL import Image
+
     n, start = 0, time.perf_counter()
     while True:
         for blob in good:
@@ -164,7 +178,7 @@ def _decode_rate(blobs: list[bytes]) -> tuple[int, float, list[tuple[int, int]]]
         n += len(good)
         elapsed = time.perf_counter() - start
         if elapsed >= _DECODE_MIN_S:
-            return n, elapsed, sizes
+            return n, elapsed
 
 
 def _size_summary(sizes: list[tuple[int, int]]) -> dict[str, list[int]]:
@@ -198,8 +212,10 @@ def bench_data(
         config: the pretraining config whose ``data`` augmentation, ``model.image.img_size`` and
             ``train.seed`` to use; None: the defaults (the ``s_smke`` recipe's 224 px pipeline).
         batch_size: images per batch.
-        warmup_batches: batches left out of the timing; None: 2 per worker (each worker starts and has
-            delivered a batch before the clock starts).
+        warmup_batches: batches left out of the timing; None: as many as each worker has reusable batch
+            buffers (evlp.data.handover: ``prefetch + 3`` per worker; 2 without workers), so that every worker
+            has started and written each of its buffers once (a buffer's first batch faults its fresh pages in,
+            a start-up cost a long run pays once) before the clock starts.
         decode_images: how many of the files the plain-decoding figure is measured on.
         draft: False decodes every JPEG in full before cropping (the pipeline before JPEG draft), for
             comparison.
@@ -210,7 +226,9 @@ def bench_data(
     Returns:
         A JSON-ready dict: ``images_per_s``, ``per_worker_images_per_s``, ``decode_images_per_s``,
         ``pipeline_vs_decode`` (per-worker pipeline rate / plain decoding rate), ``images`` and ``seconds``
-        timed, ``warmup_batches``, ``decode_images`` and ``decode_seconds``, ``image_sizes`` (smallest, median,
+        timed, ``warmup_batches``, ``decode_images`` and ``decode_seconds``, ``decode_rounds_images_per_s``
+        (plain decoding is timed before and after the pipeline, and the faster round is the reference: a burst of
+        load from elsewhere during one round cannot flatter the ratio), ``image_sizes`` (smallest, median,
         largest ``[width, height]`` of the decoded files), ``source`` (``"shards"`` or ``"files"``), ``inputs``
         (shard or file count), ``workers``, ``batch_size``, ``img_size`` and ``draft``; with
         ``data.augment_on=device`` the pipeline figures are the workers' half and ``device_augment_images_per_s`` is
@@ -233,17 +251,21 @@ def bench_data(
     blobs = _sample_bytes(kind, inputs, decode_images)
     if not blobs:
         raise DataNotFoundError(f"the shards under {data} hold no images — check them with `evlp data verify`")
-    decoded, decode_seconds, sizes = _decode_rate(blobs)
+    good, sizes = _decodable(blobs)
+    rounds = [_decode_rate(good)]  # one before the pipeline, one after: the faster is the reference
 
     if images is None:
         found = len(inputs) if kind == "files" else len(blobs)
         images = max(4 * batch_size, min(found, 1024))
     timed_batches = -(-images // batch_size)
-    warmup = 2 * max(1, workers) if warmup_batches is None else warmup_batches
-    augment = pretrain_transforms(cfg.data, img_size)[0]
-    deferred = isinstance(augment, TrainAugment)
     prefetch = 2
     ring = loader_ring(workers, prefetch)
+    if warmup_batches is None:
+        warmup = ring.slots * ring.workers if ring is not None else 2
+    else:
+        warmup = warmup_batches
+    augment = pretrain_transforms(cfg.data, img_size)[0]
+    deferred = isinstance(augment, TrainAugment)
     decode = _DecodeImage(augment, draft)
     collate = _Collate(ring)
     if kind == "shards":
@@ -290,12 +312,15 @@ def bench_data(
     per_worker = rate / max(1, workers)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     device_rate = _device_rate(augment, [b for b in kept if _count(b)], dev) if deferred and kept else None
+    rounds.append(_decode_rate(good))
+    decoded, decode_seconds = max(rounds, key=lambda r: r[0] / r[1])
     decode_rate = decoded / decode_seconds
     return {
         "data": str(data), "source": kind, "inputs": len(inputs), "workers": workers, "batch_size": batch_size,
         "img_size": img_size, "draft": draft, "warmup_batches": warmup,
         "images": n, "seconds": seconds, "images_per_s": rate, "per_worker_images_per_s": per_worker,
         "decode_images": decoded, "decode_seconds": decode_seconds, "decode_images_per_s": decode_rate,
+        "decode_rounds_images_per_s": [n_ / s_ for n_, s_ in rounds],
         "pipeline_vs_decode": per_worker / decode_rate, "image_sizes": _size_summary(sizes),
         "device_augment": deferred, "augment_device": str(dev) if deferred else None,
         "device_augment_images_per_s": device_rate,

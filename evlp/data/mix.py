@@ -34,7 +34,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch.utils.data
 
-from evlp.data.shards import ShardStream, check_state, count_samples, expand_shards, is_mix_state, skipped_total
+from evlp.data.shards import (
+    BrokenSamples,
+    ShardStream,
+    check_state,
+    count_samples,
+    expand_shards,
+    is_mix_state,
+    late_guard,
+    skipped_total,
+)
 from evlp.errors import ConfigError, DataNotFoundError
 
 if TYPE_CHECKING:
@@ -226,23 +235,56 @@ class MixedStream(torch.utils.data.IterableDataset):
         tracker.next_worker = int(self.resume.get("next_worker", 0)) % workers if exact else 0  # type: ignore[union-attr]
         return tracker.state_dict()
 
+    def _replaced(self, batch: list[Any], plan: list[int], broken: set[int], pull: Callable[[int], Any],
+                  late: list[int], pos: list[list[int]], good_epoch: list[int], where: str) -> list[Any]:
+        """``batch`` (position ``k`` drawn from source ``plan[k]``) without the samples at positions ``broken``:
+        each source's later samples move up to its next positions and its last ones are pulled anew, as if its
+        stream had skipped the broken ones while decoding. ``late``, ``pos`` and ``good_epoch`` are updated."""
+        out = list(batch)
+        for s in sorted({plan[k] for k in broken}):
+            places = [k for k in range(len(plan)) if plan[k] == s]
+            kept = [batch[k] for k in places if k not in broken]
+            n_broken = len(places) - len(kept)
+            late[s] += n_broken
+            pos[s] = [pos[s][0], pos[s][1], pos[s][2] + n_broken, pos[s][3] - n_broken]
+            if kept:
+                good_epoch[s] = pos[s][0]
+            kept += [pull(s) for _ in range(n_broken)]
+            for k, item in zip(places, kept):
+                out[k] = item
+            late_guard(pos[s][0], good_epoch[s], len(self.streams[s].shards), f"{where}, source {self.names[s]!r}")
+        return out
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         w, workers = (0, 1) if info is None else (info.id, info.num_workers)
         slot, n, pos = self._start(w, workers)
         g, n_global = self.rank * workers + slot, self.world_size * workers
         items: list[Iterator[tuple[Any, int, int, int]] | None] = [None] * len(self.streams)
+        late = [0] * len(self.streams)  # per source: samples that broke at collation (see BrokenSamples)
+        good_epoch = [p[0] for p in pos]  # per source: the epoch of its latest good sample
+
+        def pull(s: int) -> Any:
+            """Source ``s``'s next decoded sample; ``pos[s]`` moves past it."""
+            if items[s] is None:  # opened on first use: a source this slot never draws is never read
+                items[s] = self.streams[s].decoded(g, n_global, *pos[s][:3])
+            item, epoch, offset, skipped = next(items[s])  # type: ignore[call-overload]
+            pos[s] = [epoch, offset, skipped + late[s], pos[s][3] + 1]
+            return item
+
         try:
             while True:
-                batch = []
-                for s in draw_sources(self.seed, n, self.weights, self.batch_size, self.mix):
-                    if items[s] is None:  # opened on first use: a source this slot never draws is never read
-                        items[s] = self.streams[s].decoded(g, n_global, *pos[s][:3])
-                    item, epoch, offset, skipped = next(items[s])  # type: ignore[call-overload]
-                    pos[s] = [epoch, offset, skipped, pos[s][3] + 1]
-                    batch.append(item)
-                sources = {name: list(p) for name, p in zip(self.names, pos)}
-                yield self.streams[0].collated(batch, {"worker": slot, "batch": n, "sources": sources})
+                plan = [int(s) for s in draw_sources(self.seed, n, self.weights, self.batch_size, self.mix)]
+                batch = [pull(s) for s in plan]
+                while True:
+                    sources = {name: list(p) for name, p in zip(self.names, pos)}
+                    try:
+                        out = self.streams[0].collated(batch, {"worker": slot, "batch": n, "sources": sources})
+                        break
+                    except BrokenSamples as broken:
+                        batch = self._replaced(batch, plan, broken.within(len(batch)), pull,
+                                               late, pos, good_epoch, f"worker slot {slot} of {n_global}")
+                yield out
                 n += workers
         finally:
             for it in items:

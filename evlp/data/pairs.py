@@ -27,7 +27,9 @@ from evlp.dist import DistInfo
 class DecodeSample:
     """Shard member bytes -> ``(pixels (3, H, W) or a DeferredImage, caption)``; None for a sample without image
     or caption.
-    Corrupt images raise PIL's errors, which the shard stream counts as skipped."""
+    Corrupt images raise PIL's errors, which the shard stream counts as skipped. For a shard stream: a JPEG whose
+    decoding is left to collation (:class:`~evlp.data.device_augment.JpegBox`) and fails there is replaced by the
+    stream (:class:`~evlp.data.shards.BrokenSamples`)."""
 
     def __init__(self, transform: Any) -> None:
         self.transform = transform
@@ -40,7 +42,7 @@ class DecodeSample:
         caption = text.decode("utf-8", errors="replace").strip()
         if not caption:
             return None
-        return transform_file(self.transform, data), caption
+        return transform_file(self.transform, data, lazy=True), caption
 
 
 class CollateBatch:

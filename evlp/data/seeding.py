@@ -15,6 +15,7 @@ Only the CPU torch generator is touched: CUDA generators (dropout on the GPU) be
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import signal
@@ -27,9 +28,17 @@ import torch
 
 
 def sample_seed(*key: int) -> int:
-    """A 64-bit seed from a key of non-negative integers (e.g. ``(seed, epoch, shard, sample)``)."""
-    words = np.random.SeedSequence([int(k) for k in key]).generate_state(2, np.uint32)
-    return (int(words[0]) << 32) | int(words[1])
+    """A 64-bit seed from a key of non-negative integers (e.g. ``(seed, epoch, shard, sample)``): BLAKE2b of their
+    decimal digits. A data worker derives one per sample: this costs ~2 us, numpy's ``SeedSequence`` (which
+    evlp used before; the seeds, hence the augmentations, changed with it) ~10.
+
+    Raises:
+        ValueError: a negative number in ``key``.
+    """
+    words = [int(k) for k in key]
+    if any(k < 0 for k in words):
+        raise ValueError(f"sample_seed{tuple(words)}: the key's numbers must be non-negative")
+    return int.from_bytes(hashlib.blake2b(",".join(map(str, words)).encode(), digest_size=8).digest(), "little")
 
 
 @contextmanager

@@ -34,6 +34,32 @@ from evlp.errors import ConfigError, DataNotFoundError
 SKIP_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
 # a worker that decodes nothing for this many epochs in a row would spin forever: fail instead
 _MAX_EMPTY_EPOCHS = 16
+
+
+class BrokenSamples(Exception):
+    """Raised by a stream's ``collate`` when some samples turn out broken only there (a JPEG decoded straight into
+    its batch, see evlp.data.device_augment.JpegBox): ``positions`` are their indices in the list it was given.
+    The stream drops them, counts them as skipped, and collates again with the next samples, so the batches and
+    positions are those of a stream that had skipped them while decoding."""
+
+    def __init__(self, positions: Sequence[int]) -> None:
+        self.positions = sorted({int(p) for p in positions})
+        super().__init__(f"samples at batch positions {self.positions} did not decode")
+
+    def within(self, size: int) -> set[int]:
+        """The positions, checked to be some of a batch of ``size`` samples (else a bug in the collate: raised)."""
+        if not self.positions or self.positions[0] < 0 or self.positions[-1] >= size:
+            raise RuntimeError(f"collate raised {self!r} for a batch of {size} samples")
+        return set(self.positions)
+
+
+def late_guard(epoch: int, good_epoch: int, n_shards: int, where: str) -> None:
+    """Fail, as ShardStream.decoded does, when the samples since epoch ``good_epoch`` all broke at collation."""
+    if epoch - good_epoch >= _MAX_EMPTY_EPOCHS:
+        raise DataNotFoundError(f"{where} collated no sample in {epoch - good_epoch} epochs over {n_shards} shards: "
+                                "every image failed to decode — check the shards' images")
+
+
 # shard indexes kept per worker; an index is only a header scan, so evicting is cheap
 _INDEX_CACHE_SIZE = 256
 # a seed word that keeps the shard order of a mix's later sources apart from any within-shard order
@@ -380,14 +406,28 @@ class ShardStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         w, workers = (0, 1) if info is None else (info.id, info.num_workers)
         w, epoch, offset, skipped = self._start(w, workers)
-        items = self.decoded(self.rank * workers + w, self.world_size * workers, epoch, offset, skipped)
+        g, n_global = self.rank * workers + w, self.world_size * workers
+        items = self.decoded(g, n_global, epoch, offset, skipped)
         batch: list[Any] = []
+        late, good_epoch = 0, epoch  # samples that broke at collation; the epoch of the latest good one
         try:
             for item, epoch, offset, skipped in items:
                 batch.append(item)
-                if len(batch) == self.batch_size:
-                    yield self.collated(batch, {"worker": w, "epoch": epoch, "offset": offset, "skipped": skipped})
-                    batch = []
+                if len(batch) < self.batch_size:
+                    continue
+                pos = {"worker": w, "epoch": epoch, "offset": offset, "skipped": skipped + late}
+                try:
+                    out = self.collated(batch, pos)
+                except BrokenSamples as broken:
+                    drop = broken.within(len(batch))
+                    batch = [x for k, x in enumerate(batch) if k not in drop]
+                    late += len(drop)
+                    if batch:
+                        good_epoch = epoch
+                    late_guard(epoch, good_epoch, len(self.shards), f"worker {g} of {n_global}")
+                    continue
+                yield out
+                batch, good_epoch = [], epoch
         finally:
             items.close()
 

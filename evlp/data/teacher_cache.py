@@ -80,7 +80,8 @@ class TeacherTargets:
         path = cache_path(self.shards[i], self.tag)
         loaded = read_cache(path)
         if loaded is None:
-            raise DataNotFoundError(f"no readable teacher-target cache {path} for shard {self.shards[i]}; create it with "
+            raise DataNotFoundError(f"no readable teacher-target cache {path} for shard {self.shards[i]}; create it "
+                                    "with "
                                     "`evlp data cache-teacher --config <the same recipe>` (or set "
                                     "model.teacher.cache=false)")
         self._open[i] = loaded

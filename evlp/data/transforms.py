@@ -302,12 +302,13 @@ def open_rgb(fp) -> Image.Image:
     return as_rgb(img)
 
 
-def transform_file(transform: Callable, data: bytes, *, draft: bool = True) -> Any:
+def transform_file(transform: Callable, data: bytes, *, draft: bool = True, lazy: bool = False) -> Any:
     """``transform`` of the image file ``data``: straight from the bytes when the transform takes them (the
     worker half of the GPU augmentation, :meth:`~evlp.data.device_augment.TrainAugment.from_jpeg`, for RGB
-    JPEGs), else of the file opened with :func:`open_rgb` (``draft=False``: :func:`load_rgb`, decoded in full)."""
+    JPEGs, which with ``lazy=True`` leaves what it can to be decoded into the batch), else of the file opened
+    with :func:`open_rgb` (``draft=False``: :func:`load_rgb`, decoded in full)."""
     from_bytes = getattr(transform, "from_jpeg", None) if draft else None
-    image = from_bytes(data) if from_bytes is not None else None
+    image = from_bytes(data, lazy=lazy) if from_bytes is not None else None
     if image is None:
         image = transform((open_rgb if draft else load_rgb)(io.BytesIO(data)))
     return image

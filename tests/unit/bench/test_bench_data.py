@@ -13,6 +13,7 @@ from PIL import Image
 
 from evlp.bench.data import _DecodeImage, bench_data
 from evlp.config.schema import PretrainConfig
+from evlp.data.handover import loader_ring
 from evlp.data.pairs import DecodeSample
 from evlp.data.seeding import seeded
 from evlp.data.transforms import train_transform
@@ -60,6 +61,9 @@ def test_shards_in_process(tmp_path: Path) -> None:
     # the decode figure looked at the first 10 samples in shard order: sizes[:10]
     assert r["image_sizes"] == {"min": [64, 48], "median": [40, 80], "max": [96, 96]}  # by area
     assert r["pipeline_vs_decode"] == pytest.approx(r["per_worker_images_per_s"] / r["decode_images_per_s"])
+    rounds = r["decode_rounds_images_per_s"]  # before and after the pipeline: the faster is the reference
+    assert len(rounds) == 2 and r["decode_images_per_s"] == pytest.approx(max(rounds))
+    assert r["decode_images_per_s"] == pytest.approx(r["decode_images"] / r["decode_seconds"])
 
 
 def test_folder_of_images_with_workers(tmp_path: Path) -> None:
@@ -71,7 +75,7 @@ def test_folder_of_images_with_workers(tmp_path: Path) -> None:
     (folder / "notes.txt").write_text("ignored")
     r = bench_data(tmp_path / "imgs", workers=2, images=12, batch_size=4, config=_small_config(), draft=False)
     assert r["source"] == "files" and r["inputs"] == 4 and r["draft"] is False
-    assert r["warmup_batches"] == 4  # two per worker by default
+    assert r["warmup_batches"] == 2 * loader_ring(2, 2).slots  # each worker's buffers written once by default
     assert 9 <= r["images"] <= 12  # 3 batches of 4, less the broken file's turns
     assert r["per_worker_images_per_s"] == pytest.approx(r["images_per_s"] / 2)
     assert r["image_sizes"]["max"] == [200, 150] and r["image_sizes"]["min"] == [120, 90]
