@@ -147,10 +147,12 @@ def eval_run(key: str, task: str, family: str, command: list[str], argv: list[st
 
 
 def _training_cost(cfg: Any, command: str) -> float:
-    """Samples the run trains on (max_steps x batch, else epochs x the training set's size when cheap to know)."""
+    """Samples the run trains on: max_steps x the samples of an optimizer step (``global_batch_size``, else
+    ``batch_size x grad_accum``: a sweep run is one process), else epochs x the training set's size when cheap
+    to know."""
     train = cfg.train
     if train.max_steps:
-        return float(train.max_steps * train.batch_size)
+        return float(train.max_steps * (train.global_batch_size or train.batch_size * train.grad_accum))
     return float(train.epochs * max(_train_size(cfg, command), 1))
 
 

@@ -32,6 +32,11 @@ def test_glue_plan_skips_missing_data_with_the_fix_and_hashes_settings(tmp_path:
     runs = {r.key: r for r in family_plan("glue", _settings(tmp_path))}
     assert list(runs) == ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"]
     assert runs["sst2"].missing is None and runs["sst2"].cost == 3 * 4  # epochs of the tiny recipe x 3 rows
+    # with max_steps: the samples of every optimizer step (micro-batches accumulated, or the global batch)
+    for extra, per_step in ((["train.batch_size=8"], 8), (["train.batch_size=8", "train.grad_accum=3"], 24),
+                            (["train.batch_size=8", "train.global_batch_size=40"], 40)):
+        stepped = {r.key: r for r in family_plan("glue", _settings(tmp_path, "train.max_steps=5", *extra))}
+        assert stepped["sst2"].cost == 5 * per_step, extra
     assert "evlp data download glue --task rte" in runs["rte"].missing and str(tmp_path) in runs["rte"].missing
     assert [r.label for r in runs["mnli"].rows] == ["MNLI-m", "MNLI-mm"] and runs["mnli"].rows[0].glue
     assert not runs["mnli"].rows[1].glue and runs["cola"].rows[0].scale == 100.0
