@@ -235,26 +235,6 @@ class MixedStream(torch.utils.data.IterableDataset):
         tracker.next_worker = int(self.resume.get("next_worker", 0)) % workers if exact else 0  # type: ignore[union-attr]
         return tracker.state_dict()
 
-    def _replaced(self, batch: list[Any], plan: list[int], broken: set[int], pull: Callable[[int], Any],
-                  late: list[int], pos: list[list[int]], good_epoch: list[int], where: str) -> list[Any]:
-        """``batch`` (position ``k`` drawn from source ``plan[k]``) without the samples at positions ``broken``:
-        each source's later samples move up to its next positions and its last ones are pulled anew, as if its
-        stream had skipped the broken ones while decoding. ``late``, ``pos`` and ``good_epoch`` are updated."""
-        out = list(batch)
-        for s in sorted({plan[k] for k in broken}):
-            places = [k for k in range(len(plan)) if plan[k] == s]
-            kept = [batch[k] for k in places if k not in broken]
-            n_broken = len(places) - len(kept)
-            late[s] += n_broken
-            pos[s] = [pos[s][0], pos[s][1], pos[s][2] + n_broken, pos[s][3] - n_broken]
-            if kept:
-                good_epoch[s] = pos[s][0]
-            kept += [pull(s) for _ in range(n_broken)]
-            for k, item in zip(places, kept):
-                out[k] = item
-            late_guard(pos[s][0], good_epoch[s], len(self.streams[s].shards), f"{where}, source {self.names[s]!r}")
-        return out
-
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         w, workers = (0, 1) if info is None else (info.id, info.num_workers)
@@ -272,6 +252,26 @@ class MixedStream(torch.utils.data.IterableDataset):
             pos[s] = [epoch, offset, skipped + late[s], pos[s][3] + 1]
             return item
 
+        def replaced(batch: list[Any], plan: list[int], broken: set[int]) -> list[Any]:
+            """``batch`` (position ``k`` drawn from source ``plan[k]``) without the samples at positions
+            ``broken``: each source's later samples move up to its next positions and its last ones are pulled
+            anew, as if its stream had skipped the broken ones while decoding."""
+            out = list(batch)
+            for s in sorted({plan[k] for k in broken}):
+                places = [k for k in range(len(plan)) if plan[k] == s]
+                kept = [batch[k] for k in places if k not in broken]
+                n_broken = len(places) - len(kept)
+                late[s] += n_broken
+                pos[s][3] -= n_broken  # not given after all; the pulls below move the rest of pos[s] on
+                if kept:
+                    good_epoch[s] = pos[s][0]
+                kept += [pull(s) for _ in range(n_broken)]
+                for k, item in zip(places, kept):
+                    out[k] = item
+                late_guard(pos[s][0], good_epoch[s], len(self.streams[s].shards),
+                           f"worker slot {slot} of {n_global}, source {self.names[s]!r}")
+            return out
+
         try:
             while True:
                 plan = [int(s) for s in draw_sources(self.seed, n, self.weights, self.batch_size, self.mix)]
@@ -282,8 +282,7 @@ class MixedStream(torch.utils.data.IterableDataset):
                         out = self.streams[0].collated(batch, {"worker": slot, "batch": n, "sources": sources})
                         break
                     except BrokenSamples as broken:
-                        batch = self._replaced(batch, plan, broken.within(len(batch)), pull,
-                                               late, pos, good_epoch, f"worker slot {slot} of {n_global}")
+                        batch = replaced(batch, plan, broken.within(len(batch)))
                 yield out
                 n += workers
         finally:
